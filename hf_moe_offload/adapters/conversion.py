@@ -1,0 +1,100 @@
+"""Checkpoint key -> offloaded expert weight, using transformers' own conversion mapping.
+
+A checkpoint stores an expert weight either per expert (as on the hub: `...block_sparse_moe.experts.3.w1.weight`,
+joined by `MergeModulelist(dim=0)` and, for gate and up, `Concatenate(dim=1)`) or already fused (as transformers 5
+saves it: `...mlp.experts.gate_up_proj` of shape `[E, 2I, H]`). We ask transformers' `rename_source_key` which
+model parameter each key feeds, and describe the answer as a `KeyTarget`: which layer and weight, which expert (or
+`None` for a fused tensor that holds all experts), and which part of a concatenation it is. Byte ranges are worked
+out later from the safetensors headers (storage/layout.py); nothing here reads tensor data.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from torch import nn
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import (
+    Concatenate,
+    MergeModulelist,
+    WeightConverter,
+    WeightRenaming,
+    rename_source_key,
+)
+
+from ..errors import UnsupportedLayoutError
+from .topology import MoETopology
+
+__all__ = ["KeyTarget", "resolve_expert_keys"]
+
+_EXPERT_INDEX = re.compile(r"(?:^|\.)experts\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class KeyTarget:
+    """Where one checkpoint tensor goes.
+
+    Attributes:
+        layer: MoE layer ordinal.
+        param: offloaded weight name, e.g. `"gate_up_proj"`.
+        expert: expert index for a per-expert key; `None` when the tensor is fused (`[E, ...]`, slice by expert).
+        part: position among the tensors concatenated (dim 0 of one expert's weight) to form `param`.
+        num_parts: how many tensors are concatenated (1 when none).
+    """
+
+    layer: int
+    param: str
+    expert: int | None
+    part: int
+    num_parts: int
+
+
+def _check_ops(converter: WeightConverter, model_type: str) -> int:
+    """Validate that the converter only stacks experts and concatenates on dim 1; return the number of parts."""
+    for op in converter.operations:
+        ok = (isinstance(op, MergeModulelist) and op.dim == 0) or (isinstance(op, Concatenate) and op.dim == 1)
+        if not ok:
+            raise UnsupportedLayoutError(
+                f"{model_type}: the checkpoint's expert weights need the conversion {converter.operations}, but the "
+                f"expert store reads experts by byte range and supports only stacking experts (MergeModulelist(0)) "
+                f"and gate/up concatenation (Concatenate(1)). Re-save the model with transformers>=5 (fused layout) "
+                f"to offload it."
+            )
+    return len(converter.source_patterns)
+
+
+def resolve_expert_keys(model: nn.Module, checkpoint_keys: list[str], topology: MoETopology) -> dict[str, KeyTarget]:
+    """Map the checkpoint keys that hold offloaded expert weights to their `KeyTarget`.
+
+    Keys of other weights are left out of the result. `model` may be on the meta device.
+    """
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    by_pattern = {p: c for c in converters for p in c.source_patterns}
+    model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+
+    targets: dict[str, tuple[int, str]] = {}
+    for layer in topology.layers:
+        for p in layer.params:
+            targets[layer.param_key(p.name)] = (layer.layer, p.name)
+    meta_state = dict.fromkeys(model.state_dict().keys(), True)
+    meta_state.update(dict.fromkeys(targets, True))
+    prefix = getattr(model, "base_model_prefix", None)
+
+    out: dict[str, KeyTarget] = {}
+    for key in checkpoint_keys:
+        renamed, pattern = rename_source_key(key, renamings, converters, prefix, meta_state)
+        if renamed not in targets:
+            continue
+        layer, param = targets[renamed]
+        m = _EXPERT_INDEX.search(key)
+        expert = int(m.group(1)) if m and pattern is not None else None
+        if pattern is None:
+            out[key] = KeyTarget(layer, param, None, 0, 1)
+            continue
+        converter = by_pattern[pattern]
+        num_parts = _check_ops(converter, model_type)
+        out[key] = KeyTarget(layer, param, expert, converter.source_patterns.index(pattern), num_parts)
+    return out

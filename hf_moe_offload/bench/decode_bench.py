@@ -1,0 +1,347 @@
+"""Batch-1 decode speed of a MoE model: in memory, accelerate disk offload, and hf_moe_offload.
+
+```
+driver:  checkpoint bytes ─> disk / page-cache bandwidth ─> for rep: for config: [evict] ─> worker subprocess
+worker:  load ─> generate(prompt, N tokens, StepTimer) ─> one JSON line      (optionally in a memory cgroup)
+driver:  medians, ratios vs accelerate, physical lower bound per step ─> table + one JSON line
+```
+
+Configs are named by kind and expert budget: `a` (the whole model in memory), `b25` (accelerate,
+`device_map="auto"`, `max_memory={"cpu": non-expert bytes + 25% of expert bytes}`, `offload_folder`) and `c25`
+(hf_moe_offload with `offload_config={"host_budget": "25%"}`). Each run is a fresh subprocess, repetitions are
+interleaved (a, b25, c25, c50, a, ...) because the machine is shared, and medians are reported.
+
+Modes, stated next to every figure (DESIGN.md section 8):
+
+* `ramlimit`: each worker runs in a cgroup v1 memory group of its budget + a fixed overhead (the whole model +
+  overhead for `a`), so page cache and mapped file pages beyond the budget are reclaimed, as on a small machine.
+* `fadvise`: the checkpoint and accelerate's offload folder are evicted before every decode step (outside the
+  timed region). Pages that a live mmap maps are not evicted, so mmap-based offload stays warm: a flattering mode.
+* `warm`: nothing is evicted; every byte comes from the page cache.
+
+Decode speed counts the steps after the first (prefill) one: a `LogitsProcessor` timestamps each step.
+The lower bound of a step is the bytes it had to move divided by the bandwidth of where they come from: for
+accelerate, every parameter placed on "disk" (it reloads them on every forward); for hf_moe_offload, the
+`bytes_loaded` that `model.offload_stats()` reports per step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from transformers import LogitsProcessor
+
+from hf_moe_offload.bench.sysmem import PeakRssSampler, evict_page_cache, rss_breakdown, run_in_memory_cgroup
+
+__all__ = [
+    "RESULT_TAG",
+    "StepTimer",
+    "checkpoint_bytes",
+    "config_budget",
+    "run_benchmark",
+    "run_worker",
+    "spawn_worker",
+]
+
+RESULT_TAG = "DECODE_BENCH_RESULT "
+
+
+class StepTimer(LogitsProcessor):
+    """A no-op logits processor that timestamps every generation step.
+
+    `generate()` calls it once per step, after the forward pass. The time between two calls is one step; an
+    optional `between_steps` callback (e.g. page-cache eviction) runs outside the timed region.
+
+    Args:
+        between_steps: called after each step is timed, before the next one starts.
+        per_step: called after each step, its result kept in `extras` (e.g. a snapshot of `offload_stats()`).
+    """
+
+    def __init__(self, between_steps: Callable[[], None] | None = None, per_step: Callable[[], object] | None = None):
+        self.between_steps = between_steps
+        self.per_step = per_step
+        self.steps: list[float] = []
+        self.extras: list[object] = []
+        self.start()
+
+    def start(self) -> None:
+        self._mark = time.perf_counter()
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        self.steps.append(time.perf_counter() - self._mark)
+        if self.per_step is not None:
+            self.extras.append(self.per_step())
+        if self.between_steps is not None:
+            self.between_steps()
+        self._mark = time.perf_counter()
+        return scores
+
+
+def checkpoint_bytes(model_dir: str | Path) -> dict[str, int]:
+    """Bytes of a safetensors checkpoint, split into experts (keys with `.experts.`) and the rest, from headers.
+
+    Args:
+        model_dir: a directory with `*.safetensors` files.
+
+    Returns:
+        `{"total": ..., "expert": ..., "non_expert": ...}` in bytes.
+    """
+    expert = other = 0
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
+    for path in files:
+        with open(path, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            nbytes = info["data_offsets"][1] - info["data_offsets"][0]
+            if ".experts." in key:
+                expert += nbytes
+            else:
+                other += nbytes
+    return {"total": expert + other, "expert": expert, "non_expert": other}
+
+
+def config_budget(name: str, sizes: dict[str, int]) -> tuple[str, int | None, int]:
+    """Parse a config name (`a`, `b25`, `c50`) into (kind, expert percent, memory budget in bytes).
+
+    The budget is what the config may hold in memory: the whole model for `a`, otherwise the non-expert bytes
+    plus the given percent of the expert bytes.
+    """
+    kind, pct = name[:1], name[1:]
+    if kind not in "abc" or not name or (kind == "a") != (pct == "") or (pct and not pct.isdigit()):
+        raise ValueError(f"config names are 'a', 'b<percent>' or 'c<percent>' (e.g. b25, c50), got {name!r}")
+    if kind == "a":
+        return kind, None, sizes["total"]
+    percent = int(pct)
+    return kind, percent, sizes["non_expert"] + sizes["expert"] * percent // 100
+
+
+def _disk_bytes(model) -> int:
+    """Bytes of the parameters accelerate placed on "disk" (reloaded on every forward)."""
+    prefixes = [name for name, device in getattr(model, "hf_device_map", {}).items() if device == "disk"]
+    total = 0
+    for name, param in model.named_parameters():
+        if any(p == "" or name == p or name.startswith(p + ".") for p in prefixes):
+            total += param.numel() * param.element_size()
+    return total
+
+
+def _load(spec: dict):
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": torch.bfloat16}
+    if spec["kind"] == "b":
+        kwargs.update(device_map="auto", max_memory={"cpu": spec["budget"]}, offload_folder=spec["offload_folder"])
+    elif spec["kind"] == "c":
+        import hf_moe_offload
+
+        if not hasattr(hf_moe_offload, "OffloadConfig"):
+            raise ImportError("hf_moe_offload has no OffloadConfig yet: the library core has not landed")
+        kwargs["offload_config"] = {"host_budget": f"{spec['percent']}%"}
+    return AutoModelForCausalLM.from_pretrained(spec["model_dir"], **kwargs)
+
+
+def _offload_stats(model) -> dict | None:
+    stats = getattr(model, "offload_stats", None)
+    if stats is None:
+        return None
+    return {k: v for k, v in dict(stats()).items() if isinstance(v, (int, float, str, bool)) or v is None}
+
+
+def run_worker(spec: dict) -> dict:
+    """Load one config and time one greedy generation; runs inside the worker subprocess.
+
+    Args:
+        spec: `kind`, `percent`, `budget`, `model_dir`, `offload_folder`, `mode`, `prompt_len`, `new_tokens`,
+            `threads`, `seed` (as written by `spawn_worker`).
+
+    Returns:
+        A JSON-able dict of timings, memory and (for hf_moe_offload) offload statistics.
+    """
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    evict_paths = [spec["model_dir"]] + ([spec["offload_folder"]] if spec["kind"] == "b" else [])
+    with PeakRssSampler() as peak:
+        start = time.perf_counter()
+        model = _load(spec)
+        load_s = time.perf_counter() - start
+        rss_loaded = rss_breakdown()
+        vocab = model.config.vocab_size
+        prompt = torch.randint(0, vocab, (1, spec["prompt_len"]), generator=torch.Generator().manual_seed(spec["seed"]))
+
+        def evict() -> None:
+            evict_page_cache([p for p in evict_paths if os.path.exists(p)])
+
+        has_stats = _offload_stats(model) is not None
+        timer = StepTimer(
+            between_steps=evict if spec["mode"] == "fadvise" else None,
+            per_step=(lambda: _offload_stats(model)) if has_stats else None,
+        )
+        if spec["mode"] == "fadvise":
+            evict()
+        n = spec["new_tokens"]
+        timer.start()
+        with torch.inference_mode():
+            out = model.generate(
+                prompt,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                logits_processor=[timer],
+                pad_token_id=model.config.eos_token_id or 0,
+            )
+    decode = timer.steps[1:]
+    result = {
+        "load_s": load_s,
+        "prefill_s": timer.steps[0],
+        "decode_steps_s": decode,
+        "decode_tok_s": len(decode) / sum(decode) if decode else None,
+        "tokens": out[0, spec["prompt_len"] :].tolist(),
+        "rss_after_load": rss_loaded,
+        "rss_after_generate": rss_breakdown(),
+        "rss_peak": peak.peak,
+        "disk_bytes": _disk_bytes(model) if spec["kind"] == "b" else 0,
+        "device_map": {k: str(v) for k, v in getattr(model, "hf_device_map", {}).items()},
+    }
+    if has_stats:
+        result["offload_stats"] = _offload_stats(model)
+        loaded = [s.get("bytes_loaded") for s in timer.extras]
+        if len(loaded) > 1 and all(isinstance(b, (int, float)) for b in loaded):
+            result["decode_bytes_loaded"] = [b - a for a, b in zip(loaded[:-1], loaded[1:], strict=True)]
+    return result
+
+
+def spawn_worker(spec: dict, *, cgroup_limit: int | None = None, timeout: float | None = None) -> dict:
+    """Run `run_worker(spec)` in a fresh Python process (inside a memory cgroup when `cgroup_limit` is set).
+
+    Returns the worker's result, or `{"error": ...}` with the tail of its stderr when it failed or was skipped.
+    """
+    root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    cmd = [sys.executable, "-m", "hf_moe_offload.bench.decode_bench", "--worker", json.dumps(spec)]
+    extra = {}
+    try:
+        if cgroup_limit is None:
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+        else:
+            run = run_in_memory_cgroup(cmd, cgroup_limit, env=env, timeout=timeout)
+            proc = run.completed
+            extra = {
+                "cgroup_limit": run.limit_bytes,
+                "cgroup_max_usage": run.max_usage_bytes,
+                "cgroup_failcnt": run.failcnt,
+                "cgroup_oom_kills": run.oom_kills,
+            }
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout} s"}
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_TAG):
+            return {**json.loads(line[len(RESULT_TAG) :]), **extra}
+    tail = "\n".join(proc.stderr.strip().splitlines()[-8:])
+    return {"error": f"worker exited with {proc.returncode}: {tail}", **extra}
+
+
+def _worker_main(raw: str) -> None:
+    spec = json.loads(raw)
+    try:
+        result = run_worker(spec)
+    except ImportError as err:
+        if spec["kind"] != "c":
+            raise
+        result = {"skipped": f"hf_moe_offload is not usable yet ({err})"}
+    print(RESULT_TAG + json.dumps(result), flush=True)
+
+
+def _spec(name: str, sizes: dict[str, int], model_dir: Path, **kwargs) -> dict:
+    kind, percent, budget = config_budget(name, sizes)
+    folder = tempfile.mkdtemp(prefix=f"accelerate-offload-{name}-") if kind == "b" else None
+    return dict(
+        name=name, kind=kind, percent=percent, budget=budget, model_dir=str(model_dir), offload_folder=folder, **kwargs
+    )
+
+
+def run_benchmark(
+    model_dir: str | Path,
+    configs: list[str],
+    *,
+    reps: int = 3,
+    mode: str = "ramlimit",
+    prompt_len: int = 32,
+    new_tokens: int = 16,
+    overhead_bytes: int = 768 * 1024**2,
+    threads: int | None = None,
+    timeout: float | None = 1800,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+) -> dict[str, list[dict]]:
+    """Run every config `reps` times, interleaved, each in a fresh worker process.
+
+    Args:
+        model_dir: the checkpoint directory.
+        configs: config names, e.g. `["a", "b25", "c25", "c50"]` (see `config_budget`).
+        reps: repetitions of each config.
+        mode: "ramlimit", "fadvise" or "warm" (see the module docstring). Outside "warm", the checkpoint is
+            evicted from the page cache before every run.
+        prompt_len: random prompt tokens (the same prompt for every run).
+        new_tokens: tokens generated per run; the first (prefill) step is not counted in decode speed.
+        overhead_bytes: memory on top of the budget in "ramlimit" mode (Python, torch, activations).
+        threads: `torch.set_num_threads` in the workers when set.
+        timeout: seconds per worker.
+        seed: the prompt's seed.
+        log: where progress lines go.
+
+    Returns:
+        `{config name: [one result dict per repetition]}`.
+    """
+    if mode not in ("ramlimit", "fadvise", "warm"):
+        raise ValueError(f"mode must be 'ramlimit', 'fadvise' or 'warm', got {mode!r}")
+    sizes = checkpoint_bytes(model_dir)
+    runs: dict[str, list[dict]] = {name: [] for name in configs}
+    for rep in range(reps):
+        for name in configs:
+            spec = _spec(
+                name,
+                sizes,
+                Path(model_dir),
+                mode=mode,
+                prompt_len=prompt_len,
+                new_tokens=new_tokens,
+                threads=threads,
+                seed=seed,
+            )
+            try:
+                if mode != "warm":
+                    evict_page_cache(model_dir)
+                limit = spec["budget"] + overhead_bytes if mode == "ramlimit" else None
+                result = spawn_worker(spec, cgroup_limit=limit, timeout=timeout)
+            finally:
+                if spec["offload_folder"]:
+                    shutil.rmtree(spec["offload_folder"], ignore_errors=True)
+            runs[name].append(result)
+            speed = result.get("decode_tok_s")
+            status = f"{speed:.3f} tok/s" if speed else result.get("skipped") or result.get("error")
+            log(f"[rep {rep + 1}/{reps}] {name:>5}: {status}")
+    return runs
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        _worker_main(sys.argv[2])
+    else:
+        sys.exit(
+            "usage: python -m hf_moe_offload.bench.decode_bench --worker SPEC_JSON (the driver is "
+            "scripts/bench_offload_vs_accelerate.py)"
+        )

@@ -1,0 +1,320 @@
+"""One expert cache shared by every MoE layer of a model.
+
+```
+ checkpoint files --pread--> [host tier: pinned slots] --copy stream--> [device tier: slots]   (CUDA)
+ checkpoint files --pread--> [host tier: slots]                                                 (CPU only)
+```
+All experts of a model have the same size, so each tier is a pool of fixed-size slots (allocated on first use,
+never more than the budget allows): no fragmentation, and moving an expert is one contiguous copy. The compute
+tier is the device tier when CUDA is used, the host tier otherwise. An expert in use (pinned by a `Lease`) or still
+loading is never evicted; among the rest the eviction policy chooses. Weights are read-only, so an evicted expert
+is dropped, never written back. Loads run on a thread pool; on CUDA the host->device copy runs on a side stream
+and the compute stream waits on its event, so the compute thread never blocks on a copy.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from ..storage import ExpertLayout, ExpertStore, slot_views
+from .policies import EvictionPolicy
+from .stats import OffloadStats
+
+__all__ = ["ExpertCache", "Lease", "SlotPool"]
+
+Key = tuple[int, int]
+
+
+class SlotPool:
+    """`n_slots` flat uint8 buffers of `slot_nbytes` on `device`, allocated lazily."""
+
+    def __init__(self, name: str, n_slots: int, slot_nbytes: int, device: torch.device, pin_memory: bool = False):
+        self.name, self.n_slots, self.slot_nbytes = name, n_slots, slot_nbytes
+        self.device, self.pin_memory = device, pin_memory
+        self._buffers: list[torch.Tensor | None] = [None] * n_slots
+        self._free = list(range(n_slots - 1, -1, -1))
+
+    def take(self) -> int | None:
+        return self._free.pop() if self._free else None
+
+    def give(self, idx: int) -> None:
+        self._free.append(idx)
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def buffer(self, idx: int) -> torch.Tensor:
+        buf = self._buffers[idx]
+        if buf is None:
+            buf = torch.empty(self.slot_nbytes, dtype=torch.uint8, device=self.device, pin_memory=self.pin_memory)
+            self._buffers[idx] = buf
+        return buf
+
+    @property
+    def allocated_bytes(self) -> int:
+        return sum(b.numel() for b in self._buffers if b is not None)
+
+
+class _Entry:
+    __slots__ = ("key", "slot", "pins", "future", "event")
+
+    def __init__(self, key: Key, slot: int):
+        self.key, self.slot, self.pins = key, slot, 0
+        self.future: Future = Future()
+        self.event = None
+
+
+class _Tier:
+    def __init__(self, pool: SlotPool, policy: EvictionPolicy):
+        self.pool, self.policy = pool, policy
+        self.entries: dict[Key, _Entry] = {}
+
+    def evictable(self) -> list[Key]:
+        return [k for k, e in self.entries.items() if e.pins == 0 and e.future.done()]
+
+    def can_reserve(self) -> bool:
+        return self.pool.num_free > 0 or any(e.pins == 0 and e.future.done() for e in self.entries.values())
+
+
+class Lease:
+    """A pin on one expert in the compute tier: `wait()` returns its weights, `release()` unpins it."""
+
+    def __init__(self, cache: ExpertCache, entry: _Entry, hit: bool):
+        self._cache, self._entry, self.hit = cache, entry, hit
+        self._released = False
+
+    @property
+    def key(self) -> Key:
+        return self._entry.key
+
+    @property
+    def future(self) -> Future:
+        return self._entry.future
+
+    def ready(self) -> bool:
+        return self._entry.future.done()
+
+    def wait(self) -> dict[str, torch.Tensor]:
+        """Block until loaded (the time counts as stall), then return `{weight name: per-expert tensor}`."""
+        fut = self._entry.future
+        if not fut.done():
+            t0 = time.perf_counter()
+            fut.result()
+            self._cache.stats.stall(time.perf_counter() - t0)
+        else:
+            fut.result()  # re-raise a failed load
+        if self._entry.event is not None:
+            torch.cuda.current_stream(self._cache.device).wait_event(self._entry.event)
+        layer = self._entry.key[0]
+        return slot_views(self._cache.compute.pool.buffer(self._entry.slot), self._cache.layout, layer)
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._cache._unpin(self._cache.compute, self._entry)
+
+
+class ExpertCache:
+    """The shared cache.
+
+    Args:
+        store: reads experts from the checkpoint.
+        device: where experts are computed (`cpu` or a CUDA device).
+        host_slots: experts held in host RAM (pinned when `device` is CUDA).
+        device_slots: experts held on the CUDA device (ignored on CPU).
+        policy_factory: makes one eviction policy per tier.
+        io_threads: loader threads.
+        stats: counters to update.
+    """
+
+    def __init__(
+        self,
+        store: ExpertStore,
+        *,
+        device: torch.device,
+        host_slots: int,
+        device_slots: int,
+        policy_factory,
+        io_threads: int,
+        stats: OffloadStats,
+    ):
+        self.store, self.layout, self.device, self.stats = store, store.layout, device, stats
+        self._lock = threading.Condition()
+        cuda = device.type == "cuda"
+        nbytes = self.layout.slot_nbytes
+        self.host = _Tier(SlotPool("host", host_slots, nbytes, torch.device("cpu"), pin_memory=cuda), policy_factory())
+        if cuda:
+            self.compute = _Tier(SlotPool("device", device_slots, nbytes, device), policy_factory())
+            self._copy_stream = torch.cuda.Stream(device)
+            self._staging = threading.local()
+        else:
+            self.compute = self.host
+        self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="hf_moe_offload_io")
+        self._closed = False
+
+    # -- queries -------------------------------------------------------------------------------------------------
+    @property
+    def capacity(self) -> int:
+        """Experts the compute tier holds at once."""
+        return self.compute.pool.n_slots
+
+    def resident(self) -> set[Key]:
+        with self._lock:
+            return {k for k, e in self.compute.entries.items() if e.future.done() and e.future.exception() is None}
+
+    def memory(self) -> dict[str, int]:
+        out = {"host_slots": self.host.pool.n_slots, "host_allocated_bytes": self.host.pool.allocated_bytes}
+        if self.compute is not self.host:
+            out.update(device_slots=self.compute.pool.n_slots, device_allocated_bytes=self.compute.pool.allocated_bytes)
+        return out
+
+    # -- acquiring -----------------------------------------------------------------------------------------------
+    def acquire_resident(self, key: Key) -> Lease | None:
+        """Pin `key` if it is already in the compute tier (ready or loading); None otherwise."""
+        with self._lock:
+            e = self.compute.entries.get(key)
+            if e is None:
+                return None
+            hit = e.future.done()
+            self._pin(self.compute, e, hit)
+            return Lease(self, e, hit)
+
+    def try_acquire(self, key: Key) -> Lease | None:
+        """Pin `key`, starting its load if needed; None when no slot can be freed right now."""
+        with self._lock:
+            lease = self.acquire_resident(key)
+            if lease is not None:
+                return lease
+            if not self.compute.can_reserve():
+                return None
+            e = self._reserve(self.compute, key)
+            self._pin(self.compute, e, hit=False)
+        self._pool.submit(self._load, e)
+        return Lease(self, e, hit=False)
+
+    def acquire(self, key: Key, timeout: float = 600.0) -> Lease:
+        """Like `try_acquire` but waits for a slot to be released (by another thread)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            lease = self.try_acquire(key)
+            if lease is not None:
+                return lease
+            with self._lock:
+                if not self.compute.can_reserve() and not self._lock.wait(timeout=max(0.0, deadline - time.monotonic())):
+                    raise RuntimeError(
+                        f"hf_moe_offload: no cache slot freed within {timeout:.0f}s; every one of the "
+                        f"{self.capacity} slots is in use. Raise the budget or lower the concurrency."
+                    )
+
+    # -- internals (call with the lock held unless noted) ----------------------------------------------------------
+    def _pin(self, tier: _Tier, e: _Entry, hit: bool) -> None:
+        e.pins += 1
+        tier.policy.on_access(e.key)
+        if tier is self.compute:
+            (self.stats.hit if hit else self.stats.miss)(e.key[0])
+
+    def _unpin(self, tier: _Tier, e: _Entry) -> None:
+        with self._lock:
+            e.pins -= 1
+            self._lock.notify_all()
+
+    def _reserve(self, tier: _Tier, key: Key) -> _Entry:
+        slot = tier.pool.take()
+        if slot is None:
+            victim = tier.policy.choose_victim(tier.evictable())
+            old = tier.entries.pop(victim)
+            tier.policy.on_remove(victim)
+            self.stats.add("evictions")
+            slot = old.slot
+        e = _Entry(key, slot)
+        tier.entries[key] = e
+        tier.policy.on_insert(key)
+        return e
+
+    def _drop(self, tier: _Tier, e: _Entry) -> None:
+        with self._lock:
+            if tier.entries.get(e.key) is e:
+                del tier.entries[e.key]
+                tier.policy.on_remove(e.key)
+                tier.pool.give(e.slot)
+            self._lock.notify_all()
+
+    def _load(self, e: _Entry) -> None:
+        """Runs on an I/O thread: fill the compute-tier slot of `e` (not holding the lock)."""
+        t0 = time.perf_counter()
+        layer, expert = e.key
+        try:
+            if self.compute is self.host:
+                n = self.store.read_into(layer, expert, self.host.pool.buffer(e.slot))
+                self.stats.add("bytes_loaded", n)
+            else:
+                self._load_to_device(e)
+            self.stats.add("loads")
+            self.stats.load_time(time.perf_counter() - t0)
+            e.future.set_result(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting compute thread
+            self.stats.add("load_errors")
+            self._drop(self.compute, e)
+            e.future.set_exception(exc)
+
+    def _load_to_device(self, e: _Entry) -> None:
+        layer, expert = e.key
+        host_entry, src, owner = None, None, False
+        with self._lock:
+            if self.host.pool.n_slots:
+                host_entry = self.host.entries.get(e.key)
+                if host_entry is None and self.host.can_reserve():
+                    host_entry, owner = self._reserve(self.host, e.key), True
+                if host_entry is not None:
+                    self._pin(self.host, host_entry, hit=False)
+        try:
+            if host_entry is not None:
+                src = self.host.pool.buffer(host_entry.slot)
+                if owner:
+                    try:
+                        self.stats.add("bytes_loaded", self.store.read_into(layer, expert, src))
+                    except BaseException as exc:
+                        self._drop(self.host, host_entry)
+                        host_entry.future.set_exception(exc)
+                        raise
+                    host_entry.future.set_result(None)
+                else:
+                    host_entry.future.result()
+                    self.stats.add("host_hits")
+            else:  # no host slot available: stage through a per-thread pinned buffer
+                src = getattr(self._staging, "buf", None)
+                if src is None:
+                    src = torch.empty(self.layout.slot_nbytes, dtype=torch.uint8, pin_memory=True)
+                    self._staging.buf = src
+                self.stats.add("bytes_loaded", self.store.read_into(layer, expert, src))
+            dst = self.compute.pool.buffer(e.slot)
+            with torch.cuda.stream(self._copy_stream):
+                dst.copy_(src, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(self._copy_stream)
+            e.event = event
+            self.stats.add("bytes_h2d", self.layout.slot_nbytes)
+            event.synchronize()  # this I/O thread waits, so the host slot / staging buffer can be reused safely
+        finally:
+            if host_entry is not None:
+                self._unpin(self.host, host_entry)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self.store.close()
+
+    def clear(self) -> None:
+        """Drop every expert that is not in use (e.g. before a cold-cache measurement)."""
+        with self._lock:
+            for tier in {id(self.compute): self.compute, id(self.host): self.host}.values():
+                for key in tier.evictable():
+                    e = tier.entries.pop(key)
+                    tier.policy.on_remove(key)
+                    tier.pool.give(e.slot)

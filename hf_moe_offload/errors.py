@@ -1,0 +1,54 @@
+"""Typed errors of hf_moe_offload.
+
+Every error raised for bad input derives from `OffloadError` and from the builtin that fits (`ValueError`,
+`FileNotFoundError`, ...), so callers can catch either. Messages say what was expected, what was given and how
+to fix it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "OffloadError",
+    "OffloadConfigError",
+    "UnsupportedModelError",
+    "UnsupportedLayoutError",
+    "BudgetTooSmallError",
+    "UnknownNameError",
+    "MissingShardError",
+    "CorruptCheckpointError",
+]
+
+
+class OffloadError(Exception):
+    """Base class of every error raised by hf_moe_offload."""
+
+
+class OffloadConfigError(OffloadError, ValueError):
+    """An `OffloadConfig` field (or the value given for `offload_config=`) is invalid."""
+
+
+class UnsupportedModelError(OffloadError, ValueError):
+    """The model has no MoE experts module that hf_moe_offload knows how to offload."""
+
+
+class UnsupportedLayoutError(OffloadError, ValueError):
+    """The checkpoint stores expert weights in a layout the expert store cannot read by byte range."""
+
+
+class BudgetTooSmallError(OffloadError, ValueError):
+    """A memory budget cannot hold the experts one MoE layer needs at once."""
+
+
+class UnknownNameError(OffloadError, KeyError):
+    """A registry lookup (policy, predictor, adapter) failed; the message lists the valid names."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class MissingShardError(OffloadError, FileNotFoundError):
+    """A safetensors shard named by the checkpoint index does not exist."""
+
+
+class CorruptCheckpointError(OffloadError, ValueError):
+    """A safetensors file is truncated or its header is malformed."""

@@ -1,0 +1,133 @@
+"""`OffloadEngine`: the per-model object that ties topology, checkpoint layout, store, cache and stats together.
+
+It is built after `from_pretrained` has loaded every non-expert weight, attaches a small handle to each experts
+module (`module._hf_moe_offload`), and is reachable as `model.offload_engine`. Budgets are resolved here into slot
+counts; a budget that cannot hold one layer's top-k experts is refused with the smallest budget that would work.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..adapters import MoETopology, describe_model, resolve_expert_keys
+from ..cache import ExpertCache, OffloadStats, make_policy
+from ..config import OffloadConfig, format_bytes
+from ..errors import BudgetTooSmallError
+from ..storage import ExpertLayout, ExpertStore, build_layout, checkpoint_files, read_header
+
+__all__ = ["OffloadEngine", "LayerHandle", "plan_slots", "inspect_checkpoint", "live_engines"]
+
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+
+
+def live_engines() -> list[OffloadEngine]:
+    return list(_LIVE)
+
+
+@dataclass
+class LayerHandle:
+    engine: OffloadEngine
+    layer: int
+
+
+def resolve_device(cfg: OffloadConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(cfg.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        from ..errors import OffloadConfigError
+
+        raise OffloadConfigError(f"device: {cfg.device!r} was requested but CUDA is not available; use 'cpu' or 'auto'")
+    return dev
+
+
+def plan_slots(cfg: OffloadConfig, topology: MoETopology, slot_nbytes: int, device: torch.device) -> tuple[int, int]:
+    """Slots per tier `(host_slots, device_slots)` from the budgets.
+
+    Raises:
+        BudgetTooSmallError: the compute tier cannot hold the top-k experts of one layer.
+    """
+    total = topology.total_expert_nbytes
+    n_experts = sum(layer.num_experts for layer in topology.layers)
+    need = topology.max_top_k
+    host_bytes = cfg.host_budget.resolve(total)
+    host_slots = min(host_bytes // slot_nbytes, n_experts)
+    device_slots = 0
+    checks = [("host_budget", cfg.host_budget, host_bytes, host_slots)]
+    if device.type == "cuda":
+        device_bytes = cfg.device_budget.resolve(total)
+        device_slots = min(device_bytes // slot_nbytes, n_experts)
+        checks = [("device_budget", cfg.device_budget, device_bytes, device_slots)]
+    for name, budget, nbytes, slots in checks:
+        if slots < need:
+            raise BudgetTooSmallError(
+                f"{name}={budget} ({format_bytes(nbytes)}) holds {slots} expert(s) of {format_bytes(slot_nbytes)}, "
+                f"but each token is routed to {need} experts per layer, so at least {need} must fit at once. "
+                f"Raise {name} to at least {format_bytes(need * slot_nbytes)} ({need} experts; the model has "
+                f"{format_bytes(total)} of experts in all)."
+            )
+    return host_slots, device_slots
+
+
+def inspect_checkpoint(model: nn.Module, folder: str) -> tuple[MoETopology, ExpertLayout, list[str]]:
+    """Topology of `model` (meta or loaded), the byte layout of its experts in the checkpoint at `folder`, and the
+    checkpoint keys that hold expert weights.
+
+    Reads and validates every safetensors header; reads no tensor data.
+    """
+    topology = describe_model(model)
+    tensors = {}
+    for path in checkpoint_files(folder):
+        tensors.update(read_header(path).tensors)
+    targets = resolve_expert_keys(model, list(tensors), topology)
+    return topology, build_layout(topology, tensors, targets), sorted(targets)
+
+
+class OffloadEngine:
+    """Everything one offloaded model needs at run time."""
+
+    def __init__(self, model: nn.Module, folder: str, cfg: OffloadConfig):
+        self.config, self.folder = cfg, folder
+        self.device = resolve_device(cfg)
+        self.topology, self.layout, _ = inspect_checkpoint(model, folder)
+        self.host_slots, self.device_slots = plan_slots(cfg, self.topology, self.layout.slot_nbytes, self.device)
+        make_policy(cfg.policy)  # fail early on an unknown name
+        self.stats = OffloadStats()
+        self.store = ExpertStore(self.layout, cfg.io_mode)
+        self.cache = ExpertCache(
+            self.store,
+            device=self.device,
+            host_slots=self.host_slots,
+            device_slots=self.device_slots,
+            policy_factory=lambda: make_policy(cfg.policy),
+            io_threads=cfg.io_threads,
+            stats=self.stats,
+        )
+        self._num_experts = {layer.layer: layer.num_experts for layer in self.topology.layers}
+        for layer in self.topology.layers:
+            layer.module.__dict__["_hf_moe_offload"] = LayerHandle(self, layer.layer)
+        self._finalizer = weakref.finalize(self, self.cache.close)
+        _LIVE.add(self)
+
+    def num_experts(self, layer: int) -> int:
+        return self._num_experts[layer]
+
+    def stats_dict(self) -> dict:
+        """Counters (`hits`, `misses`, `evictions`, `bytes_loaded`, `stall_seconds`, ...), memory and layout."""
+        out = self.stats.snapshot()
+        out.update(self.cache.memory())
+        out["bytes_per_expert"] = self.layout.slot_nbytes
+        out["expert_bytes_total"] = self.topology.total_expert_nbytes
+        out["device"] = str(self.device)
+        out["policy"] = self.config.policy
+        return out
+
+    def reset_stats(self) -> None:
+        self.stats.reset()
+
+    def close(self) -> None:
+        self._finalizer()
