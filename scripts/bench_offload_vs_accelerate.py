@@ -48,7 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--overhead-mib", type=int, default=768, help="memory above the budget in ramlimit mode")
-    p.add_argument("--threads", type=int, default=None, help="torch threads in the workers")
+    p.add_argument("--threads", type=int, default=1, help="torch threads in the workers (0: torch's default)")
+    p.add_argument("--sample", action="store_true", help="seeded sampling instead of greedy decoding")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per worker run")
     p.add_argument("--bandwidth-bytes", type=int, default=1024 * MiB, help="bytes read to measure bandwidth")
     return p.parse_args(argv)
@@ -85,7 +86,8 @@ def main(argv: list[str] | None = None) -> dict:
         prompt_len=args.prompt_len,
         new_tokens=args.new_tokens,
         overhead_bytes=args.overhead_mib * MiB,
-        threads=args.threads,
+        threads=args.threads or None,
+        sample=args.sample,
         timeout=args.timeout,
     )
     bandwidth = cache_bw if args.mode == "warm" else disk_bw
@@ -100,6 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
         "reps": args.reps,
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
+        "decoding": "sample" if args.sample else "greedy",
+        "threads": args.threads or None,
         "overhead_bytes": args.overhead_mib * MiB,
         "disk_bw_bytes_s": disk_bw,
         "page_cache_bw_bytes_s": cache_bw,

@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", default="models/moe-tiny", help="output directory")
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--steps", type=int, default=400, help="optimizer steps (fixed: the LR schedule depends on it)")
+    p.add_argument("--steps", type=int, default=500, help="optimizer steps (fixed: the LR schedule depends on it)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per step, half from each domain")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -260,12 +260,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument(
         "--experts-impl",
-        default="eager",
-        help="experts implementation used for training ('eager', 'grouped_mm'; 'batched_mm' materialises a "
-        "weight copy per token and runs out of memory at this batch size); 'auto' times eager and grouped_mm "
-        "first and picks the faster (the choice does not change the maths, but makes the build timing-dependent)",
+        default="grouped_mm",
+        help="experts implementation used for training: 'grouped_mm' (default; measured 1.2-1.3 s/step vs 1.3-1.5 "
+        "for 'eager' on 2 idle cores), 'eager', or 'auto' (times both first and picks the faster, which makes the "
+        "bitwise result timing-dependent). 'batched_mm' copies the expert weights per token and ran out of 24 GiB",
     )
-    p.add_argument("--budget-minutes", type=float, default=20.0, help="only used to warn when the projection exceeds it")
+    p.add_argument(
+        "--budget-minutes", type=float, default=20.0, help="only used to warn when the projection exceeds it"
+    )
     args = p.parse_args(argv)
 
     t_start = time.perf_counter()
@@ -301,7 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     held_streams = {name: encode_stream(tokenizer, splits[name][1]) for name in ("speech", "code")}
     for name in ("speech", "code"):
         print(f"[tokens] {name}: train {len(train_streams[name]):,}  held-out {len(held_streams[name]):,}")
-    print(f"[tokenizer] vocab {len(tokenizer)} trained in {t_tok:.1f}s (+ encoding {time.perf_counter() - t0 - t_tok:.1f}s)")
+    print(
+        f"[tokenizer] vocab {len(tokenizer)} trained in {t_tok:.1f}s (+ encoding {time.perf_counter() - t0 - t_tok:.1f}s)"
+    )
 
     # ---- model -----------------------------------------------------------------------------------------------
     config = make_config(len(tokenizer), tokenizer.eos_token_id, args)
@@ -384,7 +388,9 @@ def main(argv: list[str] | None = None) -> int:
             ev = {"step": done, **eval_loss(model, eval_batches)}
             model.config.output_router_logits = True
             evals.append(ev)
-            print(f"  eval @ {done}: speech {ev['speech']:.3f}  code {ev['code']:.3f}  mean {ev['mean']:.3f}", flush=True)
+            print(
+                f"  eval @ {done}: speech {ev['speech']:.3f}  code {ev['code']:.3f}  mean {ev['mean']:.3f}", flush=True
+            )
     train_seconds = time.perf_counter() - t_train
 
     # ---- save ------------------------------------------------------------------------------------------------

@@ -165,7 +165,7 @@ def run_worker(spec: dict) -> dict:
 
     Args:
         spec: `kind`, `percent`, `budget`, `model_dir`, `offload_folder`, `mode`, `prompt_len`, `new_tokens`,
-            `threads`, `seed` (as written by `spawn_worker`).
+            `threads`, `sample`, `seed` (as written by `run_benchmark`).
 
     Returns:
         A JSON-able dict of timings, memory and (for hf_moe_offload) offload statistics.
@@ -192,15 +192,18 @@ def run_worker(spec: dict) -> dict:
         if spec["mode"] == "fadvise":
             evict()
         n = spec["new_tokens"]
+        sampling = {"top_k": 0, "top_p": 1.0, "temperature": 1.0} if spec.get("sample") else {}
+        torch.manual_seed(spec["seed"])
         timer.start()
         with torch.inference_mode():
             out = model.generate(
                 prompt,
                 max_new_tokens=n,
                 min_new_tokens=n,
-                do_sample=False,
+                do_sample=bool(spec.get("sample")),
                 logits_processor=[timer],
                 pad_token_id=model.config.eos_token_id or 0,
+                **sampling,
             )
     decode = timer.steps[1:]
     result = {
@@ -282,7 +285,8 @@ def run_benchmark(
     prompt_len: int = 32,
     new_tokens: int = 16,
     overhead_bytes: int = 768 * 1024**2,
-    threads: int | None = None,
+    threads: int | None = 1,
+    sample: bool = False,
     timeout: float | None = 1800,
     seed: int = 0,
     log: Callable[[str], None] = print,
@@ -298,7 +302,12 @@ def run_benchmark(
         prompt_len: random prompt tokens (the same prompt for every run).
         new_tokens: tokens generated per run; the first (prefill) step is not counted in decode speed.
         overhead_bytes: memory on top of the budget in "ramlimit" mode (Python, torch, activations).
-        threads: `torch.set_num_threads` in the workers when set.
+        threads: `torch.set_num_threads` in the workers (None: torch's default). 1 by default: on a small shared
+            machine, OpenMP threads that wait for a core another process holds made 2-thread decode steps 4-10x
+            slower than 1-thread ones (0.4-0.7 s vs 0.06 s per step on the dev box under load).
+        sample: sample (seeded, no top-k/top-p) instead of greedy decoding. A random model's greedy output tends
+            to repeat one token, so routing repeats and expert caches look better than on real text; sampling
+            gives near-uniform random tokens and routing (the pessimistic case).
         timeout: seconds per worker.
         seed: the prompt's seed.
         log: where progress lines go.
@@ -320,6 +329,7 @@ def run_benchmark(
                 prompt_len=prompt_len,
                 new_tokens=new_tokens,
                 threads=threads,
+                sample=sample,
                 seed=seed,
             )
             try:

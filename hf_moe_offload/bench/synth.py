@@ -28,6 +28,7 @@ import copy
 import hashlib
 import json
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -249,6 +250,8 @@ def synthesize_from_config(
     config.save_pretrained(out)
     total = sum(_nbytes(t, dtype) for t in plan)
     weight_map = {}
+    umask = os.umask(0)
+    os.umask(umask)
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"synthesize {out.name}", disable=not progress) as bar:
         for name, shard in zip(names, shards, strict=True):
             tensors = {}
@@ -257,6 +260,7 @@ def synthesize_from_config(
                 weight_map[tensor.key] = name
                 bar.update(_nbytes(tensor, dtype))
             save_file(tensors, str(out / name), metadata={"format": "pt"})
+            (out / name).chmod(0o666 & ~umask)  # save_file creates the file private (0600)
             del tensors
     if len(names) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}

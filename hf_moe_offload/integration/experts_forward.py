@@ -1,4 +1,4 @@
-"""The offloaded experts forward, registered in transformers' `ExpertsInterface` as `"hf_moe_offload"`.
+r"""The offloaded experts forward, registered in transformers' `ExpertsInterface` as `"hf_moe_offload"`.
 
 ```
 top_k_index (T, k) --sort once--> tokens per expert --> [resident experts: compute now]

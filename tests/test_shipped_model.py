@@ -1,0 +1,212 @@
+"""The shipped trained tiny MoE model (models/moe-tiny) and the routing statistics used to check it.
+
+The model is built by ``scripts/build_tiny_model.py``; its routing is checked by ``scripts/routing_check.py``.
+These tests load it offline with plain transformers (no offloading), generate, and re-run the routing check.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from hf_moe_offload.bench import routing_stats as rs  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL_DIR = REPO / "models" / "moe-tiny"
+MAX_MODEL_BYTES = 60 * 1024 * 1024
+# Measured on the shipped model (see models/moe-tiny/README.md); thresholds leave a margin below.
+MIN_MEAN_RECALL = 0.75
+MAX_BUSIEST_SHARE = 0.9
+MAX_HELDOUT_LOSS = 5.0  # nats/token; an untrained model scores ~ln(8192) = 9.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# routing_stats on hand-made inputs
+# ----------------------------------------------------------------------------------------------------------------
+def test_expert_load_counts_every_slot():
+    assert rs.expert_load(np.array([[0, 1], [1, 2]]), 4).tolist() == [1, 2, 1, 0]
+    assert rs.expert_load(torch.tensor([[[3, 3]]]), 4).tolist() == [0, 0, 0, 2]
+    with pytest.raises(ValueError):
+        rs.expert_load([[0, 4]], 4)
+
+
+def test_normalized_entropy_and_busiest_share():
+    assert rs.normalized_entropy([5, 5, 5, 5]) == pytest.approx(1.0)
+    assert rs.normalized_entropy([0, 7, 0, 0]) == pytest.approx(0.0)
+    assert rs.normalized_entropy([1, 1, 0, 0]) == pytest.approx(math.log(2) / math.log(4))  # = 0.5
+    assert rs.busiest_expert_share([1, 3]) == pytest.approx(0.75)
+    assert rs.busiest_expert_share([2, 2, 2, 2]) == pytest.approx(0.25)
+
+
+def test_js_divergence_bounds():
+    assert rs.js_divergence([1, 2, 3], [2, 4, 6]) == pytest.approx(0.0)
+    assert rs.js_divergence([1, 0], [0, 1]) == pytest.approx(1.0)
+    assert 0.0 < rs.js_divergence([3, 1], [1, 3]) < 1.0
+
+
+def test_topk_recall():
+    predicted = [[0, 1], [2, 3]]
+    actual = [[1, 0], [2, 5]]
+    assert rs.topk_recall(predicted, actual) == pytest.approx((2 / 2 + 1 / 2) / 2)
+    assert rs.topk_recall(actual, actual) == 1.0
+    assert rs.topk_recall([[4, 6]], [[5, 7]]) == 0.0
+
+
+def test_lru_hits_by_hand():
+    seq = [[0, 1], [0, 1], [2, 3], [0, 1]]
+    # C=2: token 1 hits both; token 2 evicts {0, 1}; token 3 misses both -> 2 hits / 8 lookups.
+    assert rs.lru_hits(seq, 2) == (2, 8)
+    # C=4: {0, 1} survive token 2 -> token 3 hits both.
+    assert rs.lru_hits(seq, 4) == (4, 8)
+    # C=2, overlapping sets: t0 miss 0,1; t1 hit 1, miss 2 (evicts 0); t2 hit 2, miss 0 -> 2 / 6.
+    assert rs.lru_hits([[0, 1], [1, 2], [2, 0]], 2) == (2, 6)
+    # C=3 keeps {0, 1, 2} -> t2 hits both -> 3 / 6.
+    assert rs.lru_hit_rate([[0, 1], [1, 2], [2, 0]], 3) == pytest.approx(0.5)
+
+
+def test_lru_recency_not_insertion_order():
+    # C=3. t0 [0, 1]: 0 hits, cache (old -> new) 0 1. t1 [2, 0]: hit 0 -> 1 2 0. t2 [0, 3]: hit 0, 3 evicts 1
+    # (least recently used; FIFO would evict 0, inserted first) -> 2 0 3. t3 [0, 2]: both hit. 4 hits / 8 lookups.
+    assert rs.lru_hits([[0, 1], [2, 0], [0, 3], [0, 2]], 3) == (4, 8)
+
+
+def test_lru_edge_cases():
+    assert rs.lru_hits([[1, 1], [1, 1]], 2) == (1, 2)  # duplicates within a token count once
+    # every sequence starts cold: two one-token sequences never hit
+    assert rs.lru_hit_rate(np.array([[[0, 1]], [[0, 1]]]), 2) == 0.0
+    with pytest.raises(ValueError):
+        rs.lru_hits([[0, 1, 2]], 2)  # a token's experts must fit in the cache
+
+
+def _tiny_random_mixtral(layers: int = 3, experts: int = 4):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = MixtralConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=16,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=experts,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+    )
+    return MixtralForCausalLM(config).eval()
+
+
+def test_record_routing_and_report_on_random_model():
+    model = _tiny_random_mixtral()
+    blocks = rs.moe_layers(model)
+    gates = [b.gate for b in blocks]
+    ids = torch.randint(0, 64, (3, 10), generator=torch.Generator().manual_seed(0))
+    trace = rs.record_routing(model, ids, blocks=blocks)
+    assert trace.num_layers == 3 and trace.num_experts == 4 and trace.top_k == 2
+    assert trace.topk_index[0].shape == (3, 10, 2)
+    assert trace.moe_inputs[0].shape == (3, 10, 32)
+    for layer in range(3):
+        # a layer's own router on its own recorded input reproduces its recorded choice
+        own = rs.predict_topk(gates[layer], trace.moe_inputs[layer])
+        assert rs.topk_recall(own, trace.topk_index[layer]) == 1.0
+    recalls = rs.next_layer_recall(trace, gates)
+    assert len(recalls) == 2 and all(0.0 <= r <= 1.0 for r in recalls)
+    # hooks are gone afterwards
+    assert not any(b.gate._forward_hooks or b._forward_pre_hooks for b in blocks)
+
+    report = rs.routing_report(trace, gates, capacities=(2, 3), domains={"a": [0, 1], "b": [2]})
+    assert report["tokens"] == 30 and len(report["layers"]) == 3
+    assert sum(report["layers"][0]["load"]) == 60
+    assert report["layers"][-1]["next_layer_recall"] is None
+    assert report["summary"]["uniform_lru_baseline"] == {"c2": 0.5, "c3": 0.75}
+    json.dumps(report)  # serialisable
+    table = rs.format_report(report)
+    assert "recall(l+1)" in table and "LRU@3" in table and len(table.splitlines()) == 3 + 3 + 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The shipped model
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def shipped():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, local_files_only=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR, local_files_only=True)
+    return model, tokenizer
+
+
+def test_shipped_files_and_size():
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "build_info.json",
+        "heldout_samples.json",
+        "routing_check.json",
+        "README.md",
+    ):
+        assert (MODEL_DIR / name).is_file(), name
+    total = sum(p.stat().st_size for p in MODEL_DIR.rglob("*") if p.is_file())
+    assert total <= MAX_MODEL_BYTES, f"{total / 2**20:.1f} MiB"
+    config = json.loads((MODEL_DIR / "config.json").read_text())
+    assert config["model_type"] == "mixtral"
+    assert config["num_local_experts"] == 16 and config["num_experts_per_tok"] == 2
+    assert config["dtype"] == "bfloat16"
+
+
+def test_shipped_model_loads_and_generates(shipped):
+    model, tokenizer = shipped
+    assert type(model).__name__ == "MixtralForCausalLM"
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert model.model.layers[0].mlp.experts.gate_up_proj.shape[0] == 16
+    assert tokenizer.eos_token == "<|endoftext|>" and tokenizer.pad_token_id == tokenizer.eos_token_id
+    assert model.generation_config.eos_token_id == tokenizer.eos_token_id
+    for prompt in ("My fellow citizens, the state of the Union", "def read_config(path):\n    "):
+        enc = tokenizer(prompt, return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=12, do_sample=False)
+        new = out[0, enc["input_ids"].shape[1] :]
+        assert 1 <= len(new) <= 12
+        text = tokenizer.decode(new, skip_special_tokens=True)
+        assert text.strip(), f"empty completion for {prompt!r}"
+        assert sum(ch.isalpha() for ch in text) >= 3, text
+
+
+def test_shipped_model_heldout_loss(shipped):
+    model, _ = shipped
+    samples = json.loads((MODEL_DIR / "heldout_samples.json").read_text())
+    for name in ("speech", "code"):
+        ids = torch.tensor(samples["domains"][name]["input_ids"][:2])
+        with torch.no_grad():
+            loss = model(input_ids=ids, labels=ids).loss.item()
+        assert loss < MAX_HELDOUT_LOSS, (name, loss)
+
+
+def test_shipped_model_routing_check_passes():
+    spec = importlib.util.spec_from_file_location("routing_check", REPO / "scripts" / "routing_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    report = module.run_routing_check(MODEL_DIR)
+    assert report["num_layers"] >= 4 and report["num_experts"] == 16
+    assert report["sequences"] == 16 and report["seq_len"] == 256
+    assert module.check_thresholds(report, MAX_BUSIEST_SHARE, MIN_MEAN_RECALL) == []
+    for row in report["layers"]:
+        assert row["busiest_share"] < MAX_BUSIEST_SHARE
+        assert row["lru_hit_c4"] >= row["lru_hit_c2"]
+    assert report["summary"]["next_layer_recall"]["mean"] >= MIN_MEAN_RECALL
+    # learned routing: a cache beats the uniform-routing baseline (C / E)
+    assert report["summary"]["lru_hit_c2"]["mean"] > 2 / 16
