@@ -210,3 +210,8 @@ def test_shipped_model_routing_check_passes():
     assert report["summary"]["next_layer_recall"]["mean"] >= MIN_MEAN_RECALL
     # learned routing: a cache beats the uniform-routing baseline (C / E)
     assert report["summary"]["lru_hit_c2"]["mean"] > 2 / 16
+
+
+def test_lru_hit_rate_accepts_ragged_sequences():
+    # two sequences of different lengths, each decoded from a cold cache: (2 hits / 4) + (0 / 2)
+    assert rs.lru_hit_rate([np.array([[0, 1], [0, 1]]), np.array([[0, 1]])], 2) == pytest.approx(2 / 6)

@@ -4,15 +4,25 @@
 [Router] -> top_k_index (T, k) int64, top_k_weights (T, k) float -> [Experts] -> (T, H)
                                                                       ^ adapters find these modules
 ```
-An adapter recognises an experts module, names the 3-D parameters that hold the experts (`[E, ...]`, one slice
-per expert) and removes them from the module before weights load, leaving meta tensors that keep shape and
-dtype. Routers, shared experts and biases stay ordinary resident parameters. Families are registered with
+An adapter recognises an experts module, names the parameters that hold the experts (`[E, ...]` with one slice
+per expert, or `[E * n, ...]` with one block of `n` rows per expert; a dotted name reaches into a child module)
+and removes them from the module before weights load, leaving meta tensors that keep shape and dtype. Routers,
+shared experts and biases stay ordinary resident parameters. Families are registered with
 `@register_adapter(name)`; the first adapter whose `matches` accepts a module wins.
+
+Two ways to compute with offloaded experts:
+
+* classes decorated with `@use_experts_implementation` dispatch through transformers' `ExpertsInterface`, where
+  hf_moe_offload registers its forward: the adapter only strips (`install_forward` is a no-op);
+* any other class gets an instance-level forward from `install_forward(module, run_experts)`: it turns the
+  module's inputs into routing `(top_k_index, top_k_weights)` and calls the engine's `run_experts`, giving it the
+  family's per-expert math (`expert_forward`). `remove_forward` restores the class forward exactly.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -28,9 +38,19 @@ __all__ = [
     "list_adapters",
     "find_adapter",
     "STRIPPED_ATTR",
+    "RunExperts",
+    "ExpertForward",
 ]
 
 STRIPPED_ATTR = "_hf_moe_offload_stripped"
+_OLD_FORWARD_ATTR = "_hf_moe_offload_old_forward"
+
+# `expert_forward(weights, x, e)`: one expert on its tokens, `x (n, H) -> (n, H)`; `weights` maps each offloaded
+# name to that expert's slice (shape `ExpertParam.shape`, compute dtype, on the compute device).
+ExpertForward = Callable[[dict[str, torch.Tensor], torch.Tensor, int], torch.Tensor]
+# `run_experts(hidden (T, H), top_k_index (T, k) int64, top_k_weights (T, k), expert_forward) -> (T, H)`: the
+# engine's cache-driven loop (loads missing experts, computes resident ones first, sums the k weighted outputs).
+RunExperts = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, ExpertForward], torch.Tensor]
 _ADAPTERS: dict[str, ExpertsAdapter] = {}
 
 
@@ -59,8 +79,9 @@ class ExpertParam:
 class ExpertsAdapter(ABC):
     """Contract of a model-family adapter.
 
-    Subclasses implement `matches` and `offloaded_param_names`; `strip` and `expert_params` work for any module
-    whose experts live in 3-D parameters indexed by expert first.
+    Subclasses implement `matches` and `offloaded_param_names`. `strip`, `expert_params` and `num_experts` work
+    for any module whose experts live in parameters indexed by expert first (`[E, ...]`, or `[E * n, ...]` when
+    `expert_shape` is overridden). Undecorated families also implement `install_forward` (and `expert_forward`).
     """
 
     name: str = ""
@@ -71,18 +92,32 @@ class ExpertsAdapter(ABC):
 
     @abstractmethod
     def offloaded_param_names(self, module: nn.Module) -> list[str]:
-        """Names of the `[E, ...]` parameters to offload, e.g. `["gate_up_proj", "down_proj"]`."""
+        """Names of the parameters to offload, e.g. `["gate_up_proj", "down_proj"]` or `["mlp.w1"]` (dotted: a
+        parameter of a child module; its state-dict key is the experts module's name + `.` + this name)."""
+
+    def weight(self, module: nn.Module, name: str) -> torch.Tensor:
+        """The (possibly dotted) weight `name` of `module`: a Parameter before `strip`, a meta tensor after."""
+        owner, leaf = _owner(module, name)
+        return getattr(owner, leaf)
 
     def num_experts(self, module: nn.Module) -> int:
-        return int(getattr(module, self.offloaded_param_names(module)[0]).shape[0])
+        return int(self.weight(module, self.offloaded_param_names(module)[0]).shape[0])
+
+    def expert_shape(self, module: nn.Module, name: str, full_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Shape of one expert's slice of weight `name` whose full shape is `full_shape` (default: drop dim 0)."""
+        return tuple(full_shape[1:])
 
     def expert_params(self, module: nn.Module) -> tuple[ExpertParam, ...]:
         """Per-expert description of the offloaded weights (valid before and after `strip`)."""
         out = []
         for name in self.offloaded_param_names(module):
-            t = getattr(module, name)
-            out.append(ExpertParam(name=name, shape=tuple(t.shape[1:]), dtype=t.dtype))
+            t = self.weight(module, name)
+            out.append(ExpertParam(name=name, shape=self.expert_shape(module, name, tuple(t.shape)), dtype=t.dtype))
         return tuple(out)
+
+    def top_k(self, module: nn.Module) -> int | None:
+        """Experts per token when the module knows it; None lets the topology read the model config."""
+        return None
 
     def strip(self, module: nn.Module) -> None:
         """Replace the offloaded parameters by meta tensors that are not parameters (so not in the state dict)."""
@@ -91,12 +126,50 @@ class ExpertsAdapter(ABC):
         names = self.offloaded_param_names(module)
         stripped = {}
         for name in names:
-            p = module._parameters.pop(name)
+            owner, leaf = _owner(module, name)
+            p = owner._parameters.pop(leaf)
             meta = torch.empty(p.shape, dtype=p.dtype, device="meta")
-            object.__setattr__(module, name, meta)
+            object.__setattr__(owner, leaf, meta)
             stripped[name] = (tuple(p.shape), p.dtype)
         object.__setattr__(module, STRIPPED_ATTR, stripped)
         object.__setattr__(module, "_hf_moe_offload_adapter", self)
+
+    # -- compute, for classes that do not dispatch through ExpertsInterface ----------------------------------------
+    def install_forward(self, module: nn.Module, run_experts: RunExperts) -> bool:
+        """Give `module` an offload-aware forward that calls `run_experts`; return True when one was installed.
+
+        The default does nothing and returns False: decorated classes already reach hf_moe_offload's forward
+        through `ExpertsInterface`. Overrides build their forward and call `set_forward(module, fn)`.
+        """
+        return False
+
+    def expert_forward(self, module: nn.Module) -> ExpertForward:
+        """The family's math for one expert, `(weights, x (n, H), e) -> (n, H)` (used by `install_forward`)."""
+        raise NotImplementedError(f"{type(self).__name__} computes through ExpertsInterface, not expert_forward")
+
+    @staticmethod
+    def set_forward(module: nn.Module, forward: Callable) -> None:
+        """Shadow the class forward of `module` by `forward` (an instance attribute), keeping the old one."""
+        if _OLD_FORWARD_ATTR not in module.__dict__:
+            module.__dict__[_OLD_FORWARD_ATTR] = module.__dict__.get("forward")
+        module.forward = forward
+
+    @staticmethod
+    def remove_forward(module: nn.Module) -> None:
+        """Undo `set_forward` exactly (the instance goes back to what it had: usually the class forward)."""
+        if _OLD_FORWARD_ATTR not in module.__dict__:
+            return
+        old = module.__dict__.pop(_OLD_FORWARD_ATTR)
+        if old is None:
+            module.__dict__.pop("forward", None)
+        else:
+            module.forward = old
+
+
+def _owner(module: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """`("mlp.w1")` -> (module.mlp, "w1")."""
+    path, _, leaf = name.rpartition(".")
+    return (module.get_submodule(path) if path else module), leaf
 
 
 def register_adapter(name: str):
@@ -116,7 +189,9 @@ def get_adapter(name: str) -> ExpertsAdapter:
     try:
         return _ADAPTERS[name]
     except KeyError:
-        raise UnknownNameError(f"unknown adapter {name!r}; registered adapters: {', '.join(sorted(_ADAPTERS))}") from None
+        raise UnknownNameError(
+            f"unknown adapter {name!r}; registered adapters: {', '.join(sorted(_ADAPTERS))}"
+        ) from None
 
 
 def list_adapters() -> list[str]:

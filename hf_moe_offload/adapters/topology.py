@@ -17,7 +17,12 @@ from .base import ExpertParam, ExpertsAdapter, find_adapter
 __all__ = ["ExpertsLayer", "MoETopology", "describe_model", "TOP_K_CONFIG_KEYS"]
 
 # Config attributes that hold the number of experts each token is routed to, by family (data, not code).
-TOP_K_CONFIG_KEYS = ("num_experts_per_tok", "num_experts_per_token", "moe_topk", "top_k", "moe_k", "router_topk")
+TOP_K_CONFIG_KEYS = (
+    "num_experts_per_tok", "num_experts_per_token", "moe_topk", "top_k", "moe_k", "router_topk", "moe_top_k",
+)  # fmt: skip
+# Nested configs searched after the experts module's own config and the model config (DBRX keeps top-k in
+# `ffn_config`, multimodal models in `text_config`).
+_SUB_CONFIGS = ("ffn_config", "text_config")
 
 
 @dataclass
@@ -79,8 +84,12 @@ class MoETopology:
         }
 
 
-def _top_k(module: nn.Module, num_experts: int) -> int:
-    configs = [getattr(module, "config", None)]
+def _top_k(module: nn.Module, adapter: ExpertsAdapter, num_experts: int, model_config) -> int:
+    known = adapter.top_k(module)
+    if known:
+        return min(known, num_experts)
+    configs = [getattr(module, "config", None), model_config]
+    configs += [getattr(model_config, name, None) for name in _SUB_CONFIGS]
     for cfg in configs:
         if cfg is None:
             continue
@@ -99,15 +108,18 @@ def describe_model(model: nn.Module) -> MoETopology:
     """
     layers: list[ExpertsLayer] = []
     offloaded_ids: set[int] = set()
+    model_config = getattr(model, "config", None)
     for name, module in model.named_modules():
         adapter = find_adapter(module)
         if adapter is None:
             continue
         params = adapter.expert_params(module)
         for p in params:
-            offloaded_ids.add(id(getattr(module, p.name)))
+            offloaded_ids.add(id(adapter.weight(module, p.name)))
         n = adapter.num_experts(module)
-        layers.append(ExpertsLayer(len(layers), name, module, adapter, n, _top_k(module, n), params))
+        layers.append(
+            ExpertsLayer(len(layers), name, module, adapter, n, _top_k(module, adapter, n, model_config), params)
+        )
     if not layers:
         model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
         raise UnsupportedModelError(

@@ -361,16 +361,20 @@ def lru_hits(topk_sequence: ArrayLike, capacity: int) -> tuple[int, int]:
 
 
 def lru_hit_rate(topk_sequences: ArrayLike | Iterable[ArrayLike], capacity: int) -> float:
-    """LRU hit rate over one sequence ``[tokens, k]`` or several (``[batch, tokens, k]`` or a list of them).
+    """LRU hit rate over one sequence ``[tokens, k]`` or several (``[batch, tokens, k]``, or a list of ``[T_i, k]``).
 
     Each sequence is decoded independently with a cold cache (see :func:`lru_hits`); hits and lookups are summed
     over sequences before dividing.
     """
-    if isinstance(topk_sequences, np.ndarray | torch.Tensor):
-        arr = _np(topk_sequences)
-        seqs: Iterable[ArrayLike] = [arr] if arr.ndim == 2 else list(arr)
+    try:
+        arr: np.ndarray | None = _np(topk_sequences)  # type: ignore[arg-type]
+    except (ValueError, TypeError):  # ragged: sequences of different lengths
+        arr = None
+    seqs: Iterable[ArrayLike]
+    if arr is not None and arr.dtype != object and arr.ndim in (2, 3):
+        seqs = [arr] if arr.ndim == 2 else list(arr)
     else:
-        seqs = topk_sequences
+        seqs = list(topk_sequences)  # type: ignore[arg-type]
     hits = lookups = 0
     for s in seqs:
         h, n = lru_hits(s, capacity)

@@ -7,6 +7,7 @@ counts; a budget that cannot hold one layer's top-k experts is refused with the 
 
 from __future__ import annotations
 
+import functools
 import weakref
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ from ..cache import ExpertCache, OffloadStats, make_policy
 from ..config import OffloadConfig, format_bytes
 from ..errors import BudgetTooSmallError
 from ..storage import ExpertLayout, ExpertStore, build_layout, checkpoint_files, read_header
+from .experts_forward import run_layer
 
 __all__ = ["OffloadEngine", "LayerHandle", "plan_slots", "inspect_checkpoint", "live_engines"]
 
@@ -98,6 +100,8 @@ class OffloadEngine:
         make_policy(cfg.policy)  # fail early on an unknown name
         self.stats = OffloadStats()
         self.store = ExpertStore(self.layout, cfg.io_mode)
+        if cfg.io_mode != "cached":
+            self.store.drop_cached()
         self.cache = ExpertCache(
             self.store,
             device=self.device,
@@ -110,6 +114,8 @@ class OffloadEngine:
         self._num_experts = {layer.layer: layer.num_experts for layer in self.topology.layers}
         for layer in self.topology.layers:
             layer.module.__dict__["_hf_moe_offload"] = LayerHandle(self, layer.layer)
+            # Undecorated families get an instance forward that calls run_layer (decorated ones: a no-op).
+            layer.adapter.install_forward(layer.module, functools.partial(run_layer, layer.module, self, layer.layer))
         self._finalizer = weakref.finalize(self, self.cache.close)
         _LIVE.add(self)
 

@@ -59,7 +59,9 @@ def offloaded_experts_forward(
     return run_layer(self, handle.engine, handle.layer, hidden_states, top_k_index, top_k_weights)
 
 
-def run_layer(module, engine, layer, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
+def run_layer(module, engine, layer, hidden_states, top_k_index, top_k_weights, expert_fn=None) -> torch.Tensor:
+    """The cache-driven loop over one layer's routed experts. `expert_fn(weights, x, e)` is one expert's math;
+    None means `expert_mlp` (the `ExpertsInterface` classes); adapters of undecorated classes pass their own."""
     cache, stats = engine.cache, engine.stats
     stats.forward()
     num_tokens, k = top_k_index.shape
@@ -76,7 +78,8 @@ def run_layer(module, engine, layer, hidden_states, top_k_index, top_k_weights) 
 
     def compute(e: int, weights: dict[str, torch.Tensor]) -> None:
         pos = order[starts[e] : starts[e + 1]]
-        y = expert_mlp(module, weights, hidden_states[pos // k], e)
+        x = hidden_states[pos // k]
+        y = expert_mlp(module, weights, x, e) if expert_fn is None else expert_fn(weights, x, e)
         buf[pos] = (y * flat_weights[pos, None]).to(out_dtype)
 
     needed = [e for e in range(num_experts) if counts[e]]

@@ -2,8 +2,9 @@
 
 A cache slot holds one expert as one contiguous buffer: its weights one after another (each 64-byte aligned) in
 the model's compute dtype. Each weight is filled from one or more *pieces* of the checkpoint: a per-expert key is
-one piece; a fused `[E, ...]` tensor gives the slice of expert `e`; gate and up are two pieces concatenated on
-dim 0. When the stored dtype equals the compute dtype a piece is read straight into the slot.
+one piece; a fused `[E, ...]` tensor gives the slice of expert `e` (a `[E * n, ...]` one its block of n rows);
+gate and up are two pieces concatenated on dim 0. When the stored dtype equals the compute dtype a piece is read
+straight into the slot.
 """
 
 from __future__ import annotations
@@ -94,14 +95,18 @@ def build_layout(
         info = tensors[key]
         num_parts[(t.layer, t.param)] = t.num_parts
         if t.expert is None:
+            # Fused over experts on dim 0: `[E, ...]` (one slice per expert) or `[E * n, ...]` (a block of n rows
+            # per expert, e.g. DBRX); either way expert e's bytes are the e-th of E equal contiguous ranges.
             n_exp = layers[t.layer].num_experts
-            if not info.shape or info.shape[0] != n_exp:
+            if not info.shape or info.shape[0] % n_exp:
                 raise CorruptCheckpointError(
-                    f"{info.file}: {key} has shape {list(info.shape)}; expected {n_exp} experts on dim 0"
+                    f"{info.file}: {key} has shape {list(info.shape)}; expected dim 0 to hold {n_exp} experts "
+                    f"({n_exp} or a multiple of it)"
                 )
             per = info.nbytes // n_exp
+            shape = info.shape[1:] if info.shape[0] == n_exp else (info.shape[0] // n_exp, *info.shape[1:])
             for e in range(n_exp):
-                parts[(t.layer, e, t.param)][t.part] = (info, info.start + e * per, per, info.shape[1:])
+                parts[(t.layer, e, t.param)][t.part] = (info, info.start + e * per, per, shape)
         else:
             parts[(t.layer, t.expert, t.param)][t.part] = (info, info.start, info.nbytes, info.shape)
 

@@ -72,7 +72,10 @@ class ExpertStore:
                 if self.io_mode == "direct":
                     flags |= getattr(os, "O_DIRECT", 0)
                 try:
-                    self._fds[path] = os.open(path, flags)
+                    fd = os.open(path, flags)
+                    if self.io_mode == "fadvise":  # no readahead: it would cache neighbouring experts we then hold
+                        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+                    self._fds[path] = fd
                 except OSError as e:
                     if self.io_mode == "direct":
                         raise OffloadConfigError(
@@ -140,6 +143,20 @@ class ExpertStore:
                 total += piece.nbytes
         return total
 
+    def drop_cached(self) -> int:
+        """Drop the expert byte ranges from the page cache (e.g. after loading the other weights through mmap,
+        whose readahead pulls neighbouring experts in). Pages that a live mmap maps stay. Returns bytes advised."""
+        total = 0
+        for path in self.layout.files:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                for start, end in _merged_ranges(self.layout, path):
+                    os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
+                    total += end - start
+            finally:
+                os.close(fd)
+        return total
+
     def close(self) -> None:
         with self._lock:
             self._closed = True
@@ -156,3 +173,16 @@ def _numel(shape: tuple[int, ...]) -> int:
     for d in shape:
         n *= d
     return n
+
+
+def _merged_ranges(layout: ExpertLayout, path: str) -> list[tuple[int, int]]:
+    ranges = sorted(
+        (p.offset, p.offset + p.nbytes) for per in layout.pieces.values() for ps in per for p in ps if p.file == path
+    )
+    merged: list[tuple[int, int]] = []
+    for a, b in ranges:
+        if merged and a <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+        else:
+            merged.append((a, b))
+    return merged
