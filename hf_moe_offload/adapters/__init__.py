@@ -1,16 +1,21 @@
 """Model-family adapters (the only package besides `integration` that imports transformers)."""
 
-from . import interface  # noqa: F401  (registers the generic adapter)
+# Registers the adapters: `interface` (every @use_experts_implementation class) and the undecorated families,
+# which install instance-level forwards. Their `matches` are disjoint, so registration order does not matter.
+from . import dbrx, interface, jetmoe, llama4  # noqa: F401
 from .base import (
     STRIPPED_ATTR,
+    ExpertForward,
     ExpertParam,
     ExpertsAdapter,
+    RunExperts,
     find_adapter,
     get_adapter,
     list_adapters,
     register_adapter,
 )
 from .conversion import KeyTarget, resolve_expert_keys
+from .discovery import MoEFamily, discover_moe_families
 from .topology import MoETopology, describe_model
 
 __all__ = [
@@ -21,8 +26,12 @@ __all__ = [
     "get_adapter",
     "list_adapters",
     "register_adapter",
+    "ExpertForward",
+    "RunExperts",
     "KeyTarget",
     "resolve_expert_keys",
+    "MoEFamily",
+    "discover_moe_families",
     "MoETopology",
     "describe_model",
 ]
