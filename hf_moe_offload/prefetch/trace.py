@@ -1,0 +1,106 @@
+"""`RoutingTrace`: which experts every token used, per decode step and MoE layer, stored compactly.
+
+One row per (call of a MoE layer, token): `step` (0 = prefill, then one per generated token), `layer`, `token`
+(position within that call), `experts (k,) int16` and `weights (k,) float16`. Saved as a compressed `.npz`. Traces
+are recorded from a model with learned routing (`integration.tracing.record_routing`) and feed predictor tests and
+benchmarks, or are replayed onto a model of another size (`integration.tracing.replay_routing`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["RoutingTrace", "map_routing"]
+
+
+@dataclass
+class RoutingTrace:
+    num_layers: int
+    num_experts: int
+    top_k: int
+    step: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    layer: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int16))
+    token: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    experts: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int16))
+    weights: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float16))
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.step.max()) + 1 if len(self.step) else 0
+
+    def rows(self, step: int, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """`(experts (T, k), weights (T, k))` of one layer call, tokens in order."""
+        sel = np.nonzero((self.step == step) & (self.layer == layer))[0]
+        sel = sel[np.argsort(self.token[sel], kind="stable")]
+        return self.experts[sel], self.weights[sel]
+
+    def expert_sets(self, layer: int) -> list[set[int]]:
+        """The set of experts used by each step at `layer` (what a cache sees per step)."""
+        out: list[set[int]] = [set() for _ in range(self.num_steps)]
+        sel = self.layer == layer
+        for s, row in zip(self.step[sel], self.experts[sel]):
+            out[int(s)].update(int(e) for e in row)
+        return out
+
+    def save(self, path: str) -> None:
+        np.savez_compressed(
+            path,
+            step=self.step, layer=self.layer, token=self.token, experts=self.experts, weights=self.weights,
+            dims=np.array([self.num_layers, self.num_experts, self.top_k], np.int64),
+            meta=np.array(repr(self.meta)),
+        )  # fmt: skip
+
+    @classmethod
+    def load(cls, path: str) -> RoutingTrace:
+        import ast
+
+        with np.load(path, allow_pickle=False) as z:
+            n_layers, n_experts, k = (int(x) for x in z["dims"])
+            return cls(n_layers, n_experts, k, z["step"], z["layer"], z["token"], z["experts"], z["weights"],
+                       ast.literal_eval(str(z["meta"])))  # fmt: skip
+
+    @classmethod
+    def concat(cls, num_layers: int, num_experts: int, top_k: int, chunks: list[tuple], meta: dict) -> RoutingTrace:
+        """Build from `(step, layer, experts (T, k), weights (T, k))` chunks."""
+        if not chunks:
+            return cls(num_layers, num_experts, top_k, meta=meta)
+        steps, layers, tokens, experts, weights = [], [], [], [], []
+        for step, layer, e, w in chunks:
+            n = len(e)
+            steps.append(np.full(n, step, np.int32))
+            layers.append(np.full(n, layer, np.int16))
+            tokens.append(np.arange(n, dtype=np.int32))
+            experts.append(np.asarray(e, np.int16))
+            weights.append(np.asarray(w, np.float16))
+        return cls(num_layers, num_experts, top_k, np.concatenate(steps), np.concatenate(layers),
+                   np.concatenate(tokens), np.concatenate(experts), np.concatenate(weights), meta)  # fmt: skip
+
+
+def map_routing(
+    experts: np.ndarray, weights: np.ndarray, src_experts: int, dst_experts: int, dst_k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Map recorded routing `(T, k_src)` onto a model with `dst_experts` experts and top-`dst_k`.
+
+    Each recorded expert `e` owns the block of target experts `[e * D / S, (e + 1) * D / S)` (at least one);
+    the target's `dst_k` slots are shared out among the recorded slots in order and filled from each block,
+    so locality and co-occurrence carry over. Each recorded weight is split evenly over its slots.
+    """
+    t, k_src = experts.shape
+    per = [dst_k // k_src + (1 if i < dst_k % k_src else 0) for i in range(k_src)]
+    out_e = np.zeros((t, dst_k), np.int64)
+    out_w = np.zeros((t, dst_k), np.float32)
+    col = 0
+    for i, n in enumerate(per):
+        if n == 0:
+            continue
+        lo = experts[:, i].astype(np.int64) * dst_experts // src_experts
+        hi = np.maximum((experts[:, i].astype(np.int64) + 1) * dst_experts // src_experts, lo + 1)
+        for j in range(n):
+            out_e[:, col] = lo + j % (hi - lo)
+            out_w[:, col] = weights[:, i].astype(np.float32) / n
+            col += 1
+    s = out_w.sum(axis=1, keepdims=True)
+    return out_e, out_w / np.where(s > 0, s, 1)
