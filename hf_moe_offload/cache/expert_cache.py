@@ -10,17 +10,23 @@ tier is the device tier when CUDA is used, the host tier otherwise. An expert in
 loading is never evicted; among the rest the eviction policy chooses. Weights are read-only, so an evicted expert
 is dropped, never written back. Loads run on a thread pool; on CUDA the host->device copy runs on a side stream
 and the compute stream waits on its event, so the compute thread never blocks on a copy.
+
+Prefetching (`prefetch`) reserves a slot and queues a *speculative* load behind every demand load
+(`PriorityLoader`); it never evicts a pinned, loading or *protected* expert (those predicted for the current or
+next layer). A demand request for a queued speculative load promotes it; a wrong one is cancelled before it
+starts (`cancel_speculative`). Counters tell prefetches used from prefetches wasted.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 
 import torch
 
 from ..storage import ExpertLayout, ExpertStore, slot_views
+from .loader import CANCELLED, QUEUED, PriorityLoader
 from .policies import EvictionPolicy
 from .stats import OffloadStats
 
@@ -61,12 +67,14 @@ class SlotPool:
 
 
 class _Entry:
-    __slots__ = ("key", "slot", "pins", "future", "event")
+    __slots__ = ("key", "slot", "pins", "future", "event", "speculative", "used", "job_state", "priority")
 
-    def __init__(self, key: Key, slot: int):
+    def __init__(self, key: Key, slot: int, speculative: bool = False):
         self.key, self.slot, self.pins = key, slot, 0
         self.future: Future = Future()
         self.event = None
+        self.speculative, self.used = speculative, False
+        self.job_state, self.priority = None, 0
 
 
 class _Tier:
@@ -74,11 +82,16 @@ class _Tier:
         self.pool, self.policy = pool, policy
         self.entries: dict[Key, _Entry] = {}
 
-    def evictable(self) -> list[Key]:
-        return [k for k, e in self.entries.items() if e.pins == 0 and e.future.done()]
+    def evictable(self, protected: frozenset = frozenset()) -> list[Key]:
+        return [k for k, e in self.entries.items() if e.pins == 0 and e.future.done() and k not in protected]
 
-    def can_reserve(self) -> bool:
-        return self.pool.num_free > 0 or any(e.pins == 0 and e.future.done() for e in self.entries.values())
+    def cancellable(self) -> list[_Entry]:
+        return [e for e in self.entries.values() if e.pins == 0 and e.speculative and e.job_state == QUEUED]
+
+    def can_reserve(self, protected: frozenset = frozenset(), demand: bool = True) -> bool:
+        if self.pool.num_free > 0 or self.evictable(protected):
+            return True
+        return demand and bool(self.evictable() or self.cancellable())
 
 
 class Lease:
@@ -154,7 +167,8 @@ class ExpertCache:
             self._staging = threading.local()
         else:
             self.compute = self.host
-        self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="hf_moe_offload_io")
+        self._loader = PriorityLoader(io_threads, self._load)
+        self._protected: frozenset = frozenset()
         self._closed = False
 
     # -- queries -------------------------------------------------------------------------------------------------
@@ -182,6 +196,11 @@ class ExpertCache:
                 return None
             hit = e.future.done()
             self._pin(self.compute, e, hit)
+            if e.speculative and not e.used:
+                e.used = True
+                self.stats.add("prefetch_used")
+                if e.job_state == QUEUED:
+                    self._loader.promote(e)
             return Lease(self, e, hit)
 
     def try_acquire(self, key: Key) -> Lease | None:
@@ -194,8 +213,37 @@ class ExpertCache:
                 return None
             e = self._reserve(self.compute, key)
             self._pin(self.compute, e, hit=False)
-        self._pool.submit(self._load, e)
+            self._loader.submit(e, 0)
         return Lease(self, e, hit=False)
+
+    def prefetch(self, key: Key, priority: int = 1) -> bool:
+        """Start a speculative load of `key` unless it is resident or no unprotected slot is free; True if queued."""
+        with self._lock:
+            if self._closed or key in self.compute.entries:
+                return False
+            if not self.compute.can_reserve(self._protected, demand=False):
+                return False
+            e = self._reserve(self.compute, key, speculative=True)
+            self.stats.add("prefetch_issued")
+            self._loader.submit(e, max(1, priority))
+            return True
+
+    def protect(self, keys) -> None:
+        """Experts not to evict for speculative loads (predicted for the current or next layer)."""
+        with self._lock:
+            self._protected = frozenset(keys)
+
+    def cancel_speculative(self, layer: int, keep: set[int]) -> int:
+        """Cancel the queued speculative loads of `layer` whose expert is not in `keep`; returns how many."""
+        n = 0
+        with self._lock:
+            for e in list(self.compute.entries.values()):
+                if e.key[0] == layer and e.key[1] not in keep and e.pins == 0 and e.speculative:
+                    if self._loader.cancel(e):
+                        self._discard(self.compute, e)
+                        self.stats.add("prefetch_cancelled")
+                        n += 1
+        return n
 
     def acquire(self, key: Key, timeout: float = 600.0) -> Lease:
         """Like `try_acquire` but waits for a slot to be released (by another thread)."""
@@ -223,15 +271,32 @@ class ExpertCache:
             e.pins -= 1
             self._lock.notify_all()
 
-    def _reserve(self, tier: _Tier, key: Key) -> _Entry:
+    def _discard(self, tier: _Tier, e: _Entry) -> None:
+        """Remove an entry (lock held): count a never-used prefetch as wasted, free its slot."""
+        del tier.entries[e.key]
+        tier.policy.on_remove(e.key)
+        if e.speculative and not e.used:
+            self.stats.add("prefetch_wasted")
+            if e.future.done():
+                self.stats.add("prefetch_wasted_bytes", self.layout.slot_nbytes)
+        if not e.future.done():
+            e.future.cancel()
+        tier.pool.give(e.slot)
+
+    def _reserve(self, tier: _Tier, key: Key, speculative: bool = False) -> _Entry:
         slot = tier.pool.take()
         if slot is None:
-            victim = tier.policy.choose_victim(tier.evictable())
-            old = tier.entries.pop(victim)
-            tier.policy.on_remove(victim)
-            self.stats.add("evictions")
-            slot = old.slot
-        e = _Entry(key, slot)
+            candidates = tier.evictable(self._protected) or tier.evictable()
+            if candidates:
+                old = tier.entries[tier.policy.choose_victim(candidates)]
+                self.stats.add("evictions")
+            else:  # a demand load takes the slot of a speculative load that has not started
+                old = tier.cancellable()[0]
+                self._loader.cancel(old)
+                self.stats.add("prefetch_cancelled")
+            self._discard(tier, old)
+            slot = tier.pool.take()
+        e = _Entry(key, slot, speculative)
         tier.entries[key] = e
         tier.policy.on_insert(key)
         return e
@@ -256,11 +321,14 @@ class ExpertCache:
                 self._load_to_device(e)
             self.stats.add("loads")
             self.stats.load_time(time.perf_counter() - t0)
+            if not e.future.set_running_or_notify_cancel():
+                return
             e.future.set_result(None)
         except BaseException as exc:  # noqa: BLE001 - handed to the waiting compute thread
             self.stats.add("load_errors")
             self._drop(self.compute, e)
-            e.future.set_exception(exc)
+            if e.future.set_running_or_notify_cancel():
+                e.future.set_exception(exc)
 
     def _load_to_device(self, e: _Entry) -> None:
         layer, expert = e.key
@@ -307,7 +375,7 @@ class ExpertCache:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._loader.shutdown()
             self.store.close()
 
     def clear(self) -> None:
@@ -315,6 +383,4 @@ class ExpertCache:
         with self._lock:
             for tier in {id(self.compute): self.compute, id(self.host): self.host}.values():
                 for key in tier.evictable():
-                    e = tier.entries.pop(key)
-                    tier.policy.on_remove(key)
-                    tier.pool.give(e.slot)
+                    self._discard(tier, tier.entries[key])

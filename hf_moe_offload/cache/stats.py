@@ -16,6 +16,11 @@ _COUNTERS = (
     "bytes_h2d",  # bytes copied host -> device
     "loads",  # completed loads into the compute tier
     "load_errors",
+    "prefetch_issued",  # speculative loads queued
+    "prefetch_used",  # speculative loads that a computation then used
+    "prefetch_wasted",  # speculative loads dropped without being used (cancelled or evicted)
+    "prefetch_wasted_bytes",  # bytes read for prefetches never used
+    "prefetch_cancelled",  # speculative loads cancelled before they started
 )
 
 
