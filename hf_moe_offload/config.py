@@ -70,7 +70,9 @@ def parse_budget(value: Any, field_name: str = "budget") -> Budget:
     if isinstance(value, Budget):
         return value
     if isinstance(value, bool) or value is None:
-        raise OffloadConfigError(f"{field_name}: expected bytes (e.g. 6GiB, 1073741824) or a share (25%), got {value!r}")
+        raise OffloadConfigError(
+            f"{field_name}: expected bytes (e.g. 6GiB, 1073741824) or a share (25%), got {value!r}"
+        )
     if isinstance(value, int):
         if value < 0:
             raise OffloadConfigError(f"{field_name}: expected a non-negative number of bytes, got {value}")
@@ -134,6 +136,15 @@ class OffloadConfig:
         },
     )
 
+    prefetch: str = field(
+        default="gate_lookahead",
+        metadata={
+            "help": "Predictors that prefetch experts before they are needed, comma-separated (gate_lookahead, "
+            "correlation, history) or 'none'."
+        },
+    )
+    prefetch_depth: int = field(default=1, metadata={"help": "How many MoE layers ahead to prefetch (1-8)."})
+
     def __post_init__(self) -> None:
         self.host_budget = parse_budget(self.host_budget, "host_budget")
         self.device_budget = parse_budget(self.device_budget, "device_budget")
@@ -143,6 +154,16 @@ class OffloadConfig:
             raise OffloadConfigError(f"io_threads: expected an int in [1, 64], got {self.io_threads!r}")
         if not isinstance(self.device, str) or not _DEVICE_RE.match(self.device):
             raise OffloadConfigError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        if not isinstance(self.prefetch, str) or not self.prefetch.strip():
+            raise OffloadConfigError(
+                f"prefetch: expected predictor names such as 'gate_lookahead' or 'none', got {self.prefetch!r}"
+            )
+        if (
+            isinstance(self.prefetch_depth, bool)
+            or not isinstance(self.prefetch_depth, int)
+            or not 1 <= self.prefetch_depth <= 8
+        ):
+            raise OffloadConfigError(f"prefetch_depth: expected an int in [1, 8], got {self.prefetch_depth!r}")
         if self.io_mode not in _IO_MODES:
             raise OffloadConfigError(f"io_mode: expected one of {', '.join(_IO_MODES)}, got {self.io_mode!r}")
 
@@ -189,6 +210,11 @@ class OffloadConfig:
         raise OffloadConfigError(
             f"offload_config: expected OffloadConfig, dict, JSON string or JSON file path, got {type(value).__name__}"
         )
+
+    @property
+    def predictor_names(self) -> list[str]:
+        names = [n.strip() for n in self.prefetch.split(",") if n.strip()]
+        return [] if names == ["none"] else names
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict that `coerce` accepts back."""

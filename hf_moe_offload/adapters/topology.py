@@ -14,11 +14,14 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from .base import ExpertParam, ExpertsAdapter, find_adapter
 
-__all__ = ["ExpertsLayer", "MoETopology", "describe_model", "TOP_K_CONFIG_KEYS"]
+__all__ = ["ExpertsLayer", "MoETopology", "describe_model", "TOP_K_CONFIG_KEYS", "ROUTER_ATTRS"]
 
+# Attributes of the MoE block (the experts module's parent) that hold its router, by family (data).
+ROUTER_ATTRS = ("gate", "router")
 # Config attributes that hold the number of experts each token is routed to, by family (data, not code).
 TOP_K_CONFIG_KEYS = (
     "num_experts_per_tok", "num_experts_per_token", "moe_topk", "top_k", "moe_k", "router_topk", "moe_top_k",
+    "top_k_experts",
 )  # fmt: skip
 # Nested configs searched after the experts module's own config and the model config (DBRX keeps top-k in
 # `ffn_config`, multimodal models in `text_config`).
@@ -36,6 +39,7 @@ class ExpertsLayer:
     num_experts: int
     top_k: int
     params: tuple[ExpertParam, ...]
+    router: nn.Module | None = field(default=None, repr=False)  # returns (logits, weights, indices) or logits
 
     @property
     def expert_nbytes(self) -> int:
@@ -117,9 +121,10 @@ def describe_model(model: nn.Module) -> MoETopology:
         for p in params:
             offloaded_ids.add(id(adapter.weight(module, p.name)))
         n = adapter.num_experts(module)
-        layers.append(
-            ExpertsLayer(len(layers), name, module, adapter, n, _top_k(module, adapter, n, model_config), params)
-        )
+        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+        router = next((getattr(parent, a) for a in ROUTER_ATTRS if isinstance(getattr(parent, a, None), nn.Module)), None)
+        top_k = _top_k(module, adapter, n, model_config)
+        layers.append(ExpertsLayer(len(layers), name, module, adapter, n, top_k, params, router))
     if not layers:
         model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
         raise UnsupportedModelError(

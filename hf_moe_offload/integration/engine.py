@@ -8,6 +8,7 @@ counts; a budget that cannot hold one layer's top-k experts is refused with the 
 from __future__ import annotations
 
 import functools
+import os
 import weakref
 from dataclasses import dataclass
 
@@ -18,10 +19,13 @@ from ..adapters import MoETopology, describe_model, resolve_expert_keys
 from ..cache import ExpertCache, OffloadStats, make_policy
 from ..config import OffloadConfig, format_bytes
 from ..errors import BudgetTooSmallError
+from ..prefetch import CorrelationPredictor, Prefetcher, make_predictor
 from ..storage import ExpertLayout, ExpertStore, build_layout, checkpoint_files, read_header
 from .experts_forward import run_layer
 
-__all__ = ["OffloadEngine", "LayerHandle", "plan_slots", "inspect_checkpoint", "live_engines"]
+__all__ = ["OffloadEngine", "LayerHandle", "plan_slots", "inspect_checkpoint", "live_engines", "CORRELATION_FILE"]
+
+CORRELATION_FILE = "hf_moe_offload_correlation.npz"  # learned expert co-occurrence, kept next to the model
 
 _LIVE: weakref.WeakSet = weakref.WeakSet()
 
@@ -112,12 +116,50 @@ class OffloadEngine:
             stats=self.stats,
         )
         self._num_experts = {layer.layer: layer.num_experts for layer in self.topology.layers}
+        self.prefetcher = self._make_prefetcher(cfg)
         for layer in self.topology.layers:
             layer.module.__dict__["_hf_moe_offload"] = LayerHandle(self, layer.layer)
             # Undecorated families get an instance forward that calls run_layer (decorated ones: a no-op).
             layer.adapter.install_forward(layer.module, functools.partial(run_layer, layer.module, self, layer.layer))
         self._finalizer = weakref.finalize(self, self.cache.close)
         _LIVE.add(self)
+
+    def _make_prefetcher(self, cfg: OffloadConfig) -> Prefetcher | None:
+        names = cfg.predictor_names
+        for name in names:  # validate every name before building anything
+            make_predictor(name, [1], 1)
+        if not names:
+            return None
+        layers = self.topology.layers
+        num_experts, top_k = [layer.num_experts for layer in layers], self.topology.max_top_k
+        routers = {layer.layer: layer.router for layer in layers if layer.router is not None}
+        predictors = [make_predictor(n, num_experts, top_k, routers=routers) for n in names]
+        for p in predictors:
+            path = os.path.join(self.folder, CORRELATION_FILE)
+            if isinstance(p, CorrelationPredictor) and os.path.isfile(path):
+                p.load(path)
+        return Prefetcher(self.cache, predictors, num_experts, top_k, cfg.prefetch_depth, cfg.io_threads)
+
+    def predictor(self, name: str):
+        """The active predictor registered as `name` (e.g. to `learn` a warm-up trace or `save` it)."""
+        for p in self.prefetcher.predictors if self.prefetcher else []:
+            if p.name == name:
+                return p
+        raise KeyError(f"predictor {name!r} is not active; active: {self.config.predictor_names}")
+
+    def save_correlation(self, path: str | None = None) -> str:
+        """Persist the correlation table next to the model (default) so later loads start warm."""
+        path = path or os.path.join(self.folder, CORRELATION_FILE)
+        self.predictor("correlation").save(path)
+        return path
+
+    def begin_request(self) -> None:
+        if self.prefetcher is not None:
+            self.prefetcher.begin_request()
+
+    def step_end(self) -> None:
+        if self.prefetcher is not None:
+            self.prefetcher.on_step_end()
 
     def num_experts(self, layer: int) -> int:
         return self._num_experts[layer]
@@ -130,10 +172,14 @@ class OffloadEngine:
         out["expert_bytes_total"] = self.topology.total_expert_nbytes
         out["device"] = str(self.device)
         out["policy"] = self.config.policy
+        if self.prefetcher is not None:
+            out.update(self.prefetcher.metrics())
         return out
 
     def reset_stats(self) -> None:
         self.stats.reset()
+        if self.prefetcher is not None:
+            self.prefetcher.reset_metrics()
 
     def close(self) -> None:
         self._finalizer()

@@ -64,6 +64,8 @@ def run_layer(module, engine, layer, hidden_states, top_k_index, top_k_weights, 
     None means `expert_mlp` (the `ExpertsInterface` classes); adapters of undecorated classes pass their own."""
     cache, stats = engine.cache, engine.stats
     stats.forward()
+    if engine.prefetcher is not None:
+        engine.prefetcher.on_layer(layer, hidden_states, top_k_index)
     num_tokens, k = top_k_index.shape
     num_experts = engine.num_experts(layer)
     flat = top_k_index.reshape(-1).clamp(min=0, max=num_experts)  # num_experts = sentinel bucket

@@ -26,6 +26,7 @@ from ..config import OffloadConfig
 from ..errors import OffloadConfigError
 from .engine import OffloadEngine, inspect_checkpoint, plan_slots, resolve_device
 from .experts_forward import IMPLEMENTATION_NAME
+from .generation import wrap_generate
 
 __all__ = ["load_offloaded", "resolve_folder", "ignore_patterns"]
 
@@ -138,6 +139,7 @@ def load_offloaded(cls, original, path, model_args: tuple, kwargs: dict, offload
         sub_config = getattr(layer.module, "config", None)
         if sub_config is not None and sub_config._experts_implementation != IMPLEMENTATION_NAME:
             sub_config._experts_implementation = IMPLEMENTATION_NAME
+    wrap_generate(model, engine)
     model.offload_engine = engine
     model.offload_stats = engine.stats_dict
     model.reset_offload_stats = engine.reset_stats

@@ -1,0 +1,189 @@
+"""Prefetching: the priority loader, predictors on deterministic traces, the prefetcher's accounting, and
+unchanged outputs with every predictor on."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LogitsProcessorList, MinLengthLogitsProcessor
+
+from hf_moe_offload import UnknownNameError
+from hf_moe_offload.cache.loader import PriorityLoader
+from hf_moe_offload.integration.engine import CORRELATION_FILE
+from hf_moe_offload.prefetch import CorrelationPredictor, GateLookahead, HistoryPredictor, RoutingTrace, make_predictor
+from _models import build_tiny, save_checkpoint
+
+
+class _Job:
+    def __init__(self, name):
+        self.name, self.job_state, self.priority = name, None, 0
+
+
+def _loader(threads=1, max_spec=None):
+    order, gate = [], threading.Event()
+
+    def run(job):
+        if job.name == "block":
+            gate.wait(10)
+        order.append(job.name)
+        time.sleep(0.01)
+
+    return PriorityLoader(threads, run, max_spec), order, gate
+
+
+def _drain(loader, n, order):
+    deadline = time.time() + 10
+    while len(order) < n and time.time() < deadline:
+        time.sleep(0.01)
+
+
+def test_demand_before_speculative_promotion_and_cancellation():
+    loader, order, gate = _loader(threads=1, max_spec=1)
+    jobs = {n: _Job(n) for n in ["block", "far", "near", "demand", "promoted", "wrong"]}
+    loader.submit(jobs["block"], 0)
+    time.sleep(0.05)  # the single worker is now busy
+    loader.submit(jobs["far"], 3)
+    loader.submit(jobs["near"], 1)
+    loader.submit(jobs["promoted"], 5)
+    loader.submit(jobs["wrong"], 1)
+    loader.submit(jobs["demand"], 0)
+    loader.promote(jobs["promoted"])
+    assert loader.cancel(jobs["wrong"])
+    gate.set()
+    _drain(loader, 5, order)
+    assert order == ["block", "demand", "promoted", "near", "far"]
+    assert not loader.cancel(jobs["far"])  # already done
+    loader.shutdown()
+
+
+def test_speculative_reads_leave_a_thread_for_demand():
+    loader, order, gate = _loader(threads=2, max_spec=1)
+    spec = [_Job("block"), _Job("s2")]
+    loader.submit(spec[0], 1)  # a speculative read that blocks
+    loader.submit(spec[1], 1)  # must wait: only one speculative read at a time
+    time.sleep(0.05)
+    loader.submit(_Job("demand"), 0)
+    _drain(loader, 1, order)
+    assert order == ["demand"]
+    gate.set()
+    _drain(loader, 3, order)
+    assert order == ["demand", "block", "s2"]
+    loader.shutdown()
+
+
+def _chain_trace(steps=20, layers=3, experts=8):
+    """Layer l+1 uses expert (e + 1) % E when layer l used e; step s starts at expert s % E."""
+    chunks = []
+    for s in range(steps):
+        for layer in range(layers):
+            e = (s + layer) % experts
+            chunks.append((s, layer, np.array([[e, (e + 4) % experts]]), np.array([[0.6, 0.4]])))
+    return RoutingTrace.concat(layers, experts, 2, chunks, {})
+
+
+def test_correlation_learns_a_trace_and_round_trips(tmp_path):
+    trace = _chain_trace()
+    p = CorrelationPredictor([8, 8, 8], 2)
+    p.learn(trace)
+    p.observe(0, 0, {3, 7})
+    scores = p.predict(0, 0, None, [1, 2])
+    assert set(np.argsort(-scores[1])[:2]) == {4, 0}
+    assert set(np.argsort(-scores[2])[:2]) == {5, 1}
+    p.save(str(tmp_path / "c.npz"))
+    q = CorrelationPredictor([8, 8, 8], 2)
+    q.load(str(tmp_path / "c.npz"))
+    assert all(np.array_equal(a, b) for a, b in zip(p.tables, q.tables))
+    with pytest.raises(ValueError, match="do not fit"):
+        CorrelationPredictor([8, 8], 2).load(str(tmp_path / "c.npz"))
+
+
+def test_history_prefers_experts_of_similar_past_requests():
+    p = HistoryPredictor([8, 8], 2)
+    for experts in ({1, 2}, {5, 6}):  # two past requests
+        p.begin_request()
+        for step in range(5):
+            p.observe(step, 0, experts)
+            p.observe(step, 1, {e + 1 for e in experts})
+    p.begin_request()
+    p.observe(0, 0, {5, 6})
+    scores = p.predict(0, 0, None, [1])[1]
+    assert set(np.argsort(-scores)[:2]) == {6, 7}
+
+
+def test_gate_lookahead_uses_the_next_router():
+    torch.manual_seed(0)
+    router = torch.nn.Linear(16, 8, bias=False)
+    p = GateLookahead([8, 8], 2, routers={1: router})
+    h = torch.randn(1, 16)
+    scores = p.predict(0, 0, h, [1])[1]
+    assert set(np.nonzero(scores)[0]) == set(router(h).topk(2).indices[0].tolist())
+    assert p.predict(0, 0, None, [1]) == {}
+
+
+def test_unknown_predictor_is_a_typed_error(mixtral_dir):
+    with pytest.raises(UnknownNameError, match="valid predictors: correlation, gate_lookahead, history"):
+        make_predictor("oracle", [8], 2)
+    with pytest.raises(UnknownNameError):
+        AutoModelForCausalLM.from_pretrained(mixtral_dir, offload_config={"prefetch": "oracle"})
+
+
+@pytest.fixture(scope="module")
+def deep(tmp_path_factory):
+    ref = build_tiny("mixtral", num_hidden_layers=4)
+    return ref, save_checkpoint(ref, str(tmp_path_factory.mktemp("deep")), "fused")
+
+
+def test_outputs_unchanged_with_every_predictor(deep):
+    ref, folder = deep
+    cfg = {"host_budget": "40%", "prefetch": "gate_lookahead,correlation,history", "prefetch_depth": 2}
+    off = AutoModelForCausalLM.from_pretrained(folder, offload_config=cfg)
+    ids = torch.randint(3, 128, (1, 8), generator=torch.Generator().manual_seed(3))
+    kw = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False)
+    for _ in range(2):  # the second request benefits from history
+        assert torch.equal(off.generate(ids, **kw), ref.generate(ids, **kw))
+    with torch.no_grad():
+        torch.testing.assert_close(off(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
+    s = off.offload_stats()
+    assert s["prefetch_issued"] > 0 and s["prefetch_used"] > 0
+    assert s["prefetch_used"] + s["prefetch_wasted"] <= s["prefetch_issued"]
+    assert 0 < s["prefetch_precision"] <= 1 and 0 < s["prefetch_recall"] <= 1
+    assert set(s["prefetch_per_layer"]) <= {0, 1, 2, 3}
+
+
+def test_gate_lookahead_raises_the_hit_rate(deep):
+    _, folder = deep
+    ids = torch.randint(3, 128, (1, 8), generator=torch.Generator().manual_seed(4))
+    rates = {}
+    for pf in ("none", "gate_lookahead"):
+        off = AutoModelForCausalLM.from_pretrained(folder, offload_config={"host_budget": "40%", "prefetch": pf})
+        off.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False)
+        rates[pf] = off.offload_stats()["hit_rate"]
+    assert rates["gate_lookahead"] > rates["none"]
+
+
+def test_step_boundary_processor_and_user_processors(deep):
+    _, folder = deep
+    off = AutoModelForCausalLM.from_pretrained(folder, offload_config={"host_budget": "40%"})
+    ids = torch.randint(3, 128, (1, 5), generator=torch.Generator().manual_seed(5))
+    user = LogitsProcessorList([MinLengthLogitsProcessor(10, eos_token_id=2)])
+    out = off.generate(ids, max_new_tokens=10, do_sample=False, logits_processor=user)
+    assert out.shape[1] == 15
+    assert off.offload_engine.prefetcher.step == 10  # one boundary per generated token
+
+
+def test_correlation_is_persisted_next_to_the_model(deep, tmp_path):
+    ref, folder = deep
+    import shutil
+
+    local = shutil.copytree(folder, tmp_path / "m")
+    cfg = {"host_budget": "40%", "prefetch": "correlation"}
+    off = AutoModelForCausalLM.from_pretrained(local, offload_config=cfg)
+    off.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=8, do_sample=False)
+    path = off.offload_engine.save_correlation()
+    assert path.endswith(CORRELATION_FILE)
+    again = AutoModelForCausalLM.from_pretrained(local, offload_config=cfg)
+    a = off.offload_engine.predictor("correlation").tables
+    b = again.offload_engine.predictor("correlation").tables
+    assert sum(t.sum() for t in b) > 0 and all(np.array_equal(x, y) for x, y in zip(a, b))
