@@ -43,6 +43,8 @@ class SlotPool:
         self.device, self.pin_memory = device, pin_memory
         self._buffers: list[torch.Tensor | None] = [None] * n_slots
         self._free = list(range(n_slots - 1, -1, -1))
+        # CUDA: the event after the last kernel that read each slot; a copy into the slot waits on it
+        self.release_events: list = [None] * n_slots
 
     def take(self) -> int | None:
         return self._free.pop() if self._free else None
@@ -129,7 +131,12 @@ class Lease:
     def release(self) -> None:
         if not self._released:
             self._released = True
-            self._cache._unpin(self._cache.compute, self._entry)
+            cache = self._cache
+            if cache.device.type == "cuda":  # kernels reading this slot may still be queued on the compute stream
+                event = torch.cuda.Event()
+                event.record(torch.cuda.current_stream(cache.device))
+                cache.compute.pool.release_events[self._entry.slot] = event
+            cache._unpin(cache.compute, self._entry)
 
 
 class ExpertCache:
@@ -361,7 +368,10 @@ class ExpertCache:
                     self._staging.buf = src
                 self.stats.add("bytes_loaded", self.store.read_into(layer, expert, src))
             dst = self.compute.pool.buffer(e.slot)
+            reuse = self.compute.pool.release_events[e.slot]
             with torch.cuda.stream(self._copy_stream):
+                if reuse is not None:  # do not overwrite an expert that queued kernels still read
+                    self._copy_stream.wait_event(reuse)
                 dst.copy_(src, non_blocking=True)
                 event = torch.cuda.Event()
                 event.record(self._copy_stream)

@@ -8,8 +8,9 @@ MoE layer l starts (its routing is known)
   4. predict l+1 .. l+depth, issue prefetches (priority = distance), as many as the measured I/O rate allows
 decode step ends (LogitsProcessor) -> predict layers 0 .. depth-1 of the next step, issue prefetches
 ```
-Prefetching is skipped for calls routing many tokens (prefill): when `tokens * top_k >= experts` a layer needs
-nearly every expert anyway. The number of speculative loads per layer adapts to the measured expert load time and
+For large batches (throughput mode) and prefill the next layer needs many experts: they are prefetched hottest
+first (most tokens predicted), never into slots holding the current layer's or the predicted next layer's experts,
+so loads of layer l+1 overlap the compute of layer l. The number of speculative loads per layer adapts to the measured expert load time and
 the measured time between MoE layers, so prefetches do not pile up behind each other and delay demand loads.
 """
 
@@ -72,8 +73,6 @@ class Prefetcher:
         self.cache.cancel_speculative(layer, actual)
         for p in self.predictors:
             p.observe(self.step, layer, actual)
-        if top_k_index.shape[0] * top_k_index.shape[1] >= n:  # prefill-sized: every expert is needed anyway
-            return
         targets = [t for t in range(layer + 1, layer + 1 + self.depth) if t < self.num_layers]
         nxt = self._predicted.get((self.step, layer + 1), set())
         self.cache.protect({(layer, e) for e in actual} | {(layer + 1, e) for e in nxt})
