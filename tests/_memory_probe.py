@@ -12,10 +12,11 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 transformers.logging.set_verbosity_error()
-import hf_moe_offload  # noqa: E402,F401
 from _models import build_tiny, save_checkpoint  # noqa: E402
-from hf_moe_offload.bench.sysmem import PeakRssSampler, evict_page_cache, page_cache_resident_bytes  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
+
+import hf_moe_offload  # noqa: E402,F401
+from hf_moe_offload.bench.sysmem import PeakRssSampler, evict_page_cache, page_cache_resident_bytes  # noqa: E402
 
 mode, folder = sys.argv[1], sys.argv[2]
 if not os.path.exists(os.path.join(folder, "config.json")):

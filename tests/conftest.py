@@ -13,8 +13,9 @@ import transformers  # noqa: E402
 sys.path.insert(0, os.path.dirname(__file__))
 transformers.logging.set_verbosity_error()
 
-import hf_moe_offload  # noqa: E402,F401  (installs the hooks, as a user's import does)
 from _models import build_tiny, save_checkpoint  # noqa: E402
+
+import hf_moe_offload  # noqa: E402,F401  (installs the hooks, as a user's import does)
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+from _models import build_tiny, save_checkpoint
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MixtralForCausalLM
 
 import hf_moe_offload
@@ -17,7 +18,6 @@ from hf_moe_offload import (
 )
 from hf_moe_offload.integration import loading
 from hf_moe_offload.storage import checkpoint_files
-from _models import build_tiny, save_checkpoint
 
 
 def _no_partial_state():

@@ -3,9 +3,8 @@ at a budget small enough that experts are missed and evicted."""
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
-
 from _models import FAMILIES, build_tiny, save_checkpoint
+from transformers import AutoModelForCausalLM
 
 LAYOUTS = ["per_expert", "fused"]
 

@@ -2,9 +2,8 @@
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, MixtralForCausalLM, TextIteratorStreamer, pipeline
-
 from _models import char_tokenizer
+from transformers import AutoModelForCausalLM, MixtralForCausalLM, TextIteratorStreamer, pipeline
 
 SMALL = {"host_budget": "30%"}  # 4 of 16 experts: misses and evictions on every step
 

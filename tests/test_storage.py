@@ -6,12 +6,12 @@ import struct
 
 import pytest
 import torch
+from _models import build_tiny, save_checkpoint
 
 from hf_moe_offload.adapters import describe_model
 from hf_moe_offload.errors import CorruptCheckpointError, MissingShardError
 from hf_moe_offload.integration import inspect_checkpoint
 from hf_moe_offload.storage import ExpertStore, checkpoint_files, read_header, slot_views
-from _models import build_tiny, save_checkpoint
 
 
 def _expected(model, layer, expert):

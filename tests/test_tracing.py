@@ -2,10 +2,10 @@
 
 import numpy as np
 import torch
+from _models import build_tiny
 
 from hf_moe_offload.integration.tracing import record_routing, replay_routing
 from hf_moe_offload.prefetch.trace import RoutingTrace, map_routing
-from _models import build_tiny
 
 
 def test_map_routing_by_hand():

@@ -2,7 +2,8 @@
 
 A checkpoint stores an expert weight either per expert (as on the hub: `...block_sparse_moe.experts.3.w1.weight`,
 joined by `MergeModulelist(dim=0)` and, for gate and up, `Concatenate(dim=1)`) or already fused (as transformers 5
-saves it: `...mlp.experts.gate_up_proj` of shape `[E, 2I, H]`). We ask transformers' `rename_source_key` which
+saves it: `...mlp.experts.gate_up_proj` of shape `[E, 2I, H]`); families with one module per expert (Switch, NLLB-MoE)
+name each expert's key through their adapter's `expert_keys`. We ask transformers' `rename_source_key` which
 model parameter each key feeds, and describe the answer as a `KeyTarget`: which layer and weight, which expert (or
 `None` for a fused tensor that holds all experts), and which part of a concatenation it is. Byte ranges are worked
 out later from the safetensors headers (storage/layout.py); nothing here reads tensor data.
@@ -76,16 +77,26 @@ def resolve_expert_keys(model: nn.Module, checkpoint_keys: list[str], topology: 
     model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
 
     targets: dict[str, tuple[int, str]] = {}
+    per_module: dict[str, KeyTarget] = {}  # experts stored one module per expert: no conversion involved
     for layer in topology.layers:
+        keys = layer.adapter.expert_keys(layer.module)
         for p in layer.params:
-            targets[layer.param_key(p.name)] = (layer.layer, p.name)
+            if keys is None:
+                targets[layer.param_key(p.name)] = (layer.layer, p.name)
+                continue
+            for e, suffix in enumerate(keys[p.name]):
+                per_module[layer.param_key(suffix)] = KeyTarget(layer.layer, p.name, e, 0, 1)
     meta_state = dict.fromkeys(model.state_dict().keys(), True)
     meta_state.update(dict.fromkeys(targets, True))
+    meta_state.update(dict.fromkeys(per_module, True))
     prefix = getattr(model, "base_model_prefix", None)
 
     out: dict[str, KeyTarget] = {}
     for key in checkpoint_keys:
         renamed, pattern = rename_source_key(key, renamings, converters, prefix, meta_state)
+        if renamed in per_module:
+            out[key] = per_module[renamed]
+            continue
         if renamed not in targets:
             continue
         layer, param = targets[renamed]

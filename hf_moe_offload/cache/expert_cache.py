@@ -25,8 +25,8 @@ from concurrent.futures import Future
 
 import torch
 
-from ..storage import ExpertLayout, ExpertStore, slot_views
-from .loader import CANCELLED, QUEUED, PriorityLoader
+from ..storage import ExpertStore, slot_views
+from .loader import QUEUED, PriorityLoader
 from .policies import EvictionPolicy
 from .stats import OffloadStats
 
@@ -260,7 +260,9 @@ class ExpertCache:
             if lease is not None:
                 return lease
             with self._lock:
-                if not self.compute.can_reserve() and not self._lock.wait(timeout=max(0.0, deadline - time.monotonic())):
+                if not self.compute.can_reserve() and not self._lock.wait(
+                    timeout=max(0.0, deadline - time.monotonic())
+                ):
                     raise RuntimeError(
                         f"hf_moe_offload: no cache slot freed within {timeout:.0f}s; every one of the "
                         f"{self.capacity} slots is in use. Raise the budget or lower the concurrency."

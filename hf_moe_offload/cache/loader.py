@@ -70,7 +70,9 @@ class PriorityLoader:
 
     def _next(self):
         while True:
-            while self._heap and (self._heap[0][2].job_state != QUEUED or self._heap[0][0] != self._heap[0][2].priority):
+            while self._heap and (
+                self._heap[0][2].job_state != QUEUED or self._heap[0][0] != self._heap[0][2].priority
+            ):
                 heapq.heappop(self._heap)  # cancelled, started, or superseded by a promotion
             if self._closed:
                 return None

@@ -62,7 +62,9 @@ def make_policy(name: str) -> EvictionPolicy:
     try:
         return _POLICIES[name]()
     except KeyError:
-        raise UnknownNameError(f"unknown eviction policy {name!r}; valid policies: {', '.join(list_policies())}") from None
+        raise UnknownNameError(
+            f"unknown eviction policy {name!r}; valid policies: {', '.join(list_policies())}"
+        ) from None
 
 
 @register_policy("lru")

@@ -98,6 +98,12 @@ def build_layout(
             # Fused over experts on dim 0: `[E, ...]` (one slice per expert) or `[E * n, ...]` (a block of n rows
             # per expert, e.g. DBRX); either way expert e's bytes are the e-th of E equal contiguous ranges.
             n_exp = layers[t.layer].num_experts
+            stored = next((p.stored_experts for p in layers[t.layer].params if p.name == t.param), 0)
+            if stored and info.shape and info.shape[0] == stored:  # trailing slices past n_exp are never read
+                per = info.nbytes // stored
+                for e in range(n_exp):
+                    parts[(t.layer, e, t.param)][t.part] = (info, info.start + e * per, per, info.shape[1:])
+                continue
             if not info.shape or info.shape[0] % n_exp:
                 raise CorruptCheckpointError(
                     f"{info.file}: {key} has shape {list(info.shape)}; expected dim 0 to hold {n_exp} experts "

@@ -87,7 +87,9 @@ def read_header(path: str) -> SafetensorsHeader:
         try:
             dtype_name, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
         except (TypeError, KeyError, ValueError):
-            raise CorruptCheckpointError(f"{path}: tensor {name!r} has a malformed header entry {info!r}; {_FIX}") from None
+            raise CorruptCheckpointError(
+                f"{path}: tensor {name!r} has a malformed header entry {info!r}; {_FIX}"
+            ) from None
         if dtype_name not in DTYPES:
             raise CorruptCheckpointError(
                 f"{path}: tensor {name!r} has dtype {dtype_name!r}; expected one of {', '.join(DTYPES)}"
