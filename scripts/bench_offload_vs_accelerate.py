@@ -12,13 +12,14 @@ for the configs and the measurement modes.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
@@ -29,6 +30,16 @@ from hf_moe_offload.bench.synth import synthesize_mixtral  # noqa: E402
 from hf_moe_offload.bench.sysmem import measure_disk_bandwidth  # noqa: E402
 
 MiB = 1024**2
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def library_fingerprint() -> str:
+    """A short hash of the library's sources (bench excluded), to tell which version produced a figure."""
+    digest = hashlib.sha256()
+    for path in sorted((ROOT / "hf_moe_offload").rglob("*.py")):
+        if "bench" not in path.relative_to(ROOT).parts:
+            digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -72,11 +83,17 @@ def main(argv: list[str] | None = None) -> dict:
         )
     sizes = checkpoint_bytes(args.model_dir)
     print(f"checkpoint {args.model_dir}: {sizes['total'] / 1e9:.3f} GB, experts {sizes['expert'] / 1e9:.3f} GB")
-    disk_bw = measure_disk_bandwidth(args.model_dir, cold=True, max_bytes=args.bandwidth_bytes)
+    # The virtual disk's speed drifts (its host may cache it): measure twice now and once at the end, and divide
+    # by the fastest, so that the lower bound stays a lower bound.
+    disk_bws = [measure_disk_bandwidth(args.model_dir, cold=True, max_bytes=args.bandwidth_bytes) for _ in range(2)]
     cache_bw = measure_disk_bandwidth(args.model_dir, cold=False, max_bytes=args.bandwidth_bytes)
-    print(f"bandwidth: disk (cold, 16 MiB reads) {disk_bw / 1e9:.2f} GB/s, page cache {cache_bw / 1e9:.2f} GB/s")
+    print(
+        f"bandwidth: disk (cold, 16 MiB reads) {[round(b / 1e9, 2) for b in disk_bws]} GB/s, "
+        f"page cache {cache_bw / 1e9:.2f} GB/s"
+    )
 
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    fingerprint = library_fingerprint()
     start = time.time()
     runs = run_benchmark(
         args.model_dir,
@@ -90,6 +107,8 @@ def main(argv: list[str] | None = None) -> dict:
         sample=args.sample,
         timeout=args.timeout,
     )
+    disk_bws.append(measure_disk_bandwidth(args.model_dir, cold=True, max_bytes=args.bandwidth_bytes))
+    disk_bw = max(disk_bws)
     bandwidth = cache_bw if args.mode == "warm" else disk_bw
     summary = summarise(runs, sizes, bandwidth=bandwidth, mode=args.mode)
     print()
@@ -106,8 +125,11 @@ def main(argv: list[str] | None = None) -> dict:
         "threads": args.threads or None,
         "overhead_bytes": args.overhead_mib * MiB,
         "disk_bw_bytes_s": disk_bw,
+        "disk_bw_samples_bytes_s": disk_bws,
         "page_cache_bw_bytes_s": cache_bw,
         "wall_s": time.time() - start,
+        "library_fingerprint": library_fingerprint(),
+        "library_fingerprint_at_start": fingerprint,
         "versions": {
             "torch": torch.__version__,
             "transformers": transformers.__version__,
@@ -116,6 +138,8 @@ def main(argv: list[str] | None = None) -> dict:
         "summary": summary,
         "runs": {name: [{k: v for k, v in r.items() if k != "device_map"} for r in rs] for name, rs in runs.items()},
     }
+    if record["library_fingerprint"] != fingerprint:
+        print(f"WARNING: the library sources changed during the run ({fingerprint} -> {record['library_fingerprint']})")
     print(json.dumps(record))
     return record
 

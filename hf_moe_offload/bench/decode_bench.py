@@ -16,7 +16,8 @@ Modes, stated next to every figure (DESIGN.md section 8):
 * `ramlimit`: each worker runs in a cgroup v1 memory group of its budget + a fixed overhead (the whole model +
   overhead for `a`), so page cache and mapped file pages beyond the budget are reclaimed, as on a small machine.
 * `fadvise`: the checkpoint and accelerate's offload folder are evicted before every decode step (outside the
-  timed region). Pages that a live mmap maps are not evicted, so mmap-based offload stays warm: a flattering mode.
+  timed region). Pages that a live mmap maps are not evicted, so a method that keeps its files mapped stays warm
+  in this mode; the `disk_read_bytes` of each run (from `/proc/self/io`) show what really came from disk.
 * `warm`: nothing is evicted; every byte comes from the page cache.
 
 Decode speed counts the steps after the first (prefill) one: a `LogitsProcessor` timestamps each step.
@@ -40,7 +41,14 @@ from pathlib import Path
 import torch
 from transformers import LogitsProcessor
 
-from hf_moe_offload.bench.sysmem import PeakRssSampler, evict_page_cache, rss_breakdown, run_in_memory_cgroup
+from hf_moe_offload.bench.sysmem import (
+    PeakRssSampler,
+    evict_page_cache,
+    page_cache_resident_bytes,
+    process_io,
+    rss_breakdown,
+    run_in_memory_cgroup,
+)
 
 __all__ = [
     "RESULT_TAG",
@@ -120,7 +128,7 @@ def config_budget(name: str, sizes: dict[str, int]) -> tuple[str, int | None, in
     plus the given percent of the expert bytes.
     """
     kind, pct = name[:1], name[1:]
-    if kind not in "abc" or not name or (kind == "a") != (pct == "") or (pct and not pct.isdigit()):
+    if not name or kind not in "abc" or (kind == "a") != (pct == "") or (pct and not pct.isdigit()):
         raise ValueError(f"config names are 'a', 'b<percent>' or 'c<percent>' (e.g. b25, c50), got {name!r}")
     if kind == "a":
         return kind, None, sizes["total"]
@@ -187,7 +195,7 @@ def run_worker(spec: dict) -> dict:
         has_stats = _offload_stats(model) is not None
         timer = StepTimer(
             between_steps=evict if spec["mode"] == "fadvise" else None,
-            per_step=(lambda: _offload_stats(model)) if has_stats else None,
+            per_step=lambda: {"io": process_io(), "stats": _offload_stats(model) if has_stats else None},
         )
         if spec["mode"] == "fadvise":
             evict()
@@ -216,14 +224,23 @@ def run_worker(spec: dict) -> dict:
         "rss_after_generate": rss_breakdown(),
         "rss_peak": peak.peak,
         "disk_bytes": _disk_bytes(model) if spec["kind"] == "b" else 0,
+        "resident_param_bytes": sum(p.numel() * p.element_size() for p in model.parameters() if not p.is_meta),
+        "checkpoint_page_cache_bytes": page_cache_resident_bytes(spec["model_dir"]),
         "device_map": {k: str(v) for k, v in getattr(model, "hf_device_map", {}).items()},
     }
+    # extras[i] is taken after step i, so consecutive differences are the decode steps (2..N).
+    result.update(_deltas("decode_read_bytes", [e["io"].get("read_bytes") for e in timer.extras]))
+    result.update(_deltas("decode_rchar", [e["io"].get("rchar") for e in timer.extras]))
     if has_stats:
         result["offload_stats"] = _offload_stats(model)
-        loaded = [s.get("bytes_loaded") for s in timer.extras]
-        if len(loaded) > 1 and all(isinstance(b, (int, float)) for b in loaded):
-            result["decode_bytes_loaded"] = [b - a for a, b in zip(loaded[:-1], loaded[1:], strict=True)]
+        result.update(_deltas("decode_bytes_loaded", [(e["stats"] or {}).get("bytes_loaded") for e in timer.extras]))
     return result
+
+
+def _deltas(name: str, values: list) -> dict[str, list]:
+    if len(values) < 2 or not all(isinstance(v, (int, float)) for v in values):
+        return {}
+    return {name: [b - a for a, b in zip(values[:-1], values[1:], strict=True)]}
 
 
 def spawn_worker(spec: dict, *, cgroup_limit: int | None = None, timeout: float | None = None) -> dict:

@@ -11,6 +11,7 @@ speed and a benchmark flatters whatever it measures. These helpers let a benchma
   `PeakRssSampler` tracks their peaks, which the kernel does not keep separately.
 * `run_in_memory_cgroup` runs a command under a cgroup v1 memory limit, the user's real situation (less RAM than
   the model): the kernel then reclaims page cache and mapped file pages of the group under the limit.
+* `process_io` reads the bytes a process really fetched from storage (`/proc/<pid>/io`).
 * `measure_disk_bandwidth` reads files cold (after eviction) or warm: the denominators of "physical limit".
 """
 
@@ -36,6 +37,7 @@ __all__ = [
     "find_memory_cgroup",
     "measure_disk_bandwidth",
     "page_cache_resident_bytes",
+    "process_io",
     "rss_breakdown",
     "run_in_memory_cgroup",
 ]
@@ -155,6 +157,27 @@ def rss_breakdown(pid: int | None = None) -> dict[str, int]:
             if name in out:
                 out[name] = int(value.split()[0]) * 1024  # the kernel writes kB
     return out
+
+
+def process_io(pid: int | None = None) -> dict[str, int]:
+    """I/O counters of a process (all its threads) from `/proc/<pid>/io`, in bytes.
+
+    `read_bytes` counts what the process made the kernel fetch from storage (page-cache misses, read() and mmap
+    faults alike): the bytes that physically came from disk. `rchar` counts bytes returned by read()-like calls,
+    page-cache hits included, and misses mmap access.
+
+    Args:
+        pid: the process; this one when None.
+
+    Returns:
+        A dict such as `{"rchar": ..., "read_bytes": ..., "write_bytes": ...}`; empty when the kernel has no task
+        I/O accounting.
+    """
+    try:
+        with open(f"/proc/{pid or 'self'}/io") as f:
+            return {name: int(value) for name, value in (line.split(":") for line in f if ":" in line)}
+    except OSError:
+        return {}
 
 
 @dataclass

@@ -223,10 +223,13 @@ class ExpertCache:
             self._loader.submit(e, 0)
         return Lease(self, e, hit=False)
 
-    def prefetch(self, key: Key, priority: int = 1) -> bool:
-        """Start a speculative load of `key` unless it is resident or no unprotected slot is free; True if queued."""
+    def prefetch(self, key: Key, priority: int = 1, evict: bool = True) -> bool:
+        """Start a speculative load of `key` unless it is resident or no unprotected slot is free (`evict=False`:
+        unless no slot is free at all); True if queued."""
         with self._lock:
             if self._closed or key in self.compute.entries:
+                return False
+            if not evict and self.compute.pool.num_free == 0:
                 return False
             if not self.compute.can_reserve(self._protected, demand=False):
                 return False

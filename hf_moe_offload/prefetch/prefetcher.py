@@ -10,7 +10,13 @@ decode step ends (LogitsProcessor) -> predict layers 0 .. depth-1 of the next st
 ```
 For large batches (throughput mode) and prefill the next layer needs many experts: they are prefetched hottest
 first (most tokens predicted), never into slots holding the current layer's or the predicted next layer's experts,
-so loads of layer l+1 overlap the compute of layer l. The number of speculative loads per layer adapts to the measured expert load time and
+so loads of layer l+1 overlap the compute of layer l.
+
+A speculative load that evicts an expert trades that expert's chance of a hit for the prediction's chance of
+being used. So prefetches may evict only while their measured precision (used / (used + wasted)) beats the cache's
+hit rate; otherwise they only fill free slots, with one evicting probe every `probe_every` layers to keep the
+estimate fresh. On a model whose predictions are poor (random routers) prefetching thus falls back to plain demand
+loading instead of polluting a small cache. The number of speculative loads per layer adapts to the measured expert load time and
 the measured time between MoE layers, so prefetches do not pile up behind each other and delay demand loads.
 """
 
@@ -51,6 +57,8 @@ class Prefetcher:
         self._nactual = defaultdict(int)
         self._layer_gap, self._last_time = None, None
         self._last_size = 1
+        self.probe_every = 16
+        self._calls = 0
 
     # -- events --------------------------------------------------------------------------------------------------
     def begin_request(self) -> None:
@@ -104,6 +112,7 @@ class Prefetcher:
                 if total > 0:
                     scores[t] = scores.get(t, 0) + s / total
         allowance = self._allowance()
+        evict = self._may_evict()
         for t in targets:
             s = scores.get(t)
             if s is None:
@@ -113,8 +122,18 @@ class Prefetcher:
             for e in chosen:
                 if allowance <= 0:
                     return
-                if self.cache.prefetch((t, e), priority=t - layer):
+                if self.cache.prefetch((t, e), priority=t - layer, evict=evict):
                     allowance -= 1
+
+    def _may_evict(self) -> bool:
+        """Whether speculative loads may evict: measured prefetch precision beats the cache's hit rate."""
+        self._calls += 1
+        snap = self.cache.stats.snapshot()
+        used, wasted = snap["prefetch_used"], snap["prefetch_wasted"]
+        if used + wasted < 8 or self._calls % self.probe_every == 0:
+            return True  # not enough evidence yet, or a periodic probe
+        precision = used / (used + wasted)
+        return precision > snap["hit_rate"]
 
     def _score(self, layer: int, actual: set[int]) -> None:
         predicted = self._predicted.pop((self.step, layer), None)
