@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Write docs/models.md: every MoE model type of the installed transformers, offloaded exactly or not, and why.
 
-Runs the fidelity matrix's own cases (tests/_matrix_configs.py) without pytest: for each causal-LM MoE type, a tiny
-model is built, saved in every checkpoint layout and loaded with `offload_config`; it is "supported" when the
-offloaded model gives the normal model's logits (atol 1e-4) and greedy tokens with cache misses and evictions.
-Types without an `AutoModelForCausalLM` mapping (multimodal, encoder-decoder, encoders) are listed with that reason.
+Runs the fidelity matrix's own cases (tests/_matrix_configs.py) without pytest: for each MoE type with a causal-LM or
+seq2seq Auto class, a tiny model is built, saved in every checkpoint layout and loaded with `offload_config`; it is
+"supported" when the offloaded model gives the normal model's logits (atol 1e-4) and greedy tokens with cache misses
+and evictions. Other types (multimodal wrappers, sub-model configs, encoders) are listed as not checked, with why.
 
     python scripts/gen_models_doc.py                 # writes docs/models.md, prints one line per case
     python scripts/gen_models_doc.py mixtral dbrx    # only these types, print only (no file written)
@@ -27,7 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from _matrix_configs import LAYOUTS, XFAIL, reference, run_case, xfail_reason  # noqa: E402
+from _matrix_configs import LAYOUTS, XFAIL, matrix_types, reference, run_case, xfail_reason  # noqa: E402
 
 import hf_moe_offload  # noqa: E402, F401
 from hf_moe_offload.adapters.discovery import discover_moe_families  # noqa: E402
@@ -76,18 +76,20 @@ def render(results: dict[str, dict[str, str]]) -> str:
         f"({transformers.__version__}); do not edit by hand. A model type is **supported** when a tiny model of it, "
         "saved with per-expert keys (`save_pretrained`, as on the hub) and with fused keys (the model's own state "
         "dict), loads with `offload_config=` and gives the normal model's logits (fp32, atol 1e-4) and the same 6 "
-        "greedy tokens, with a cache small enough that experts miss and are evicted "
+        "greedy tokens (seq2seq: teacher-forced decoder logits and greedy generate), with a cache small enough that "
+        "experts miss and are evicted "
         "(`tests/test_fidelity_matrix.py` checks the same cases).",
         "",
-        "| model type | experts class | adapter | AutoModelForCausalLM | status | why not |",
+        "| model type | experts class | adapter | Auto class checked | status | why not |",
         "|---|---|---|---|---|---|",
     ]
     for f in fams:
         adapter = "generic (ExpertsInterface)" if f.decorated else "own adapter" if f.note else "-"
         res = results.get(f.model_type)
-        if not f.causal_lm:
-            auto = f.seq2seq_lm or f.image_text_to_text
-            why = f"not in the matrix: no AutoModelForCausalLM mapping ({auto or 'no generative Auto class'})"
+        auto = f.causal_lm or f.seq2seq_lm
+        if not auto:
+            other = f" (image-text-to-text: {f.image_text_to_text})" if f.image_text_to_text else ""
+            why = f"not in the matrix: no AutoModelForCausalLM / AutoModelForSeq2SeqLM mapping{other}"
             status = "not checked"
         elif res is None:
             status, why = "not run", "not part of this run"
@@ -104,7 +106,7 @@ def render(results: dict[str, dict[str, str]]) -> str:
             if f.note:
                 why = f"{why} ({f.note})" if why else f"({f.note})"
         why = why.replace("|", "\\|")
-        lines.append(f"| `{f.model_type}` | `{f.experts_class}` | {adapter} | {f.causal_lm or '-'} | {status} | {why} |")
+        lines.append(f"| `{f.model_type}` | `{f.experts_class}` | {adapter} | {auto or '-'} | {status} | {why} |")
     lines.append("")
     return "\n".join(lines)
 
@@ -117,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     t0 = time.perf_counter()
-    causal = [f.model_type for f in discover_moe_families(causal_lm_only=True)]
-    types = args.types or causal
+    in_matrix = matrix_types()
+    types = args.types or in_matrix
     results = run_matrix(types)
     if not args.types:
         os.makedirs(os.path.dirname(args.out), exist_ok=True)
@@ -126,11 +128,11 @@ def main(argv: list[str] | None = None) -> int:
             f.write(render(results))
         print(f"wrote {args.out}")
     ok = sum(all(r.get(lay) == "ok" for lay in LAYOUTS) for r in results.values())
-    stale = sorted(k for k in XFAIL if (k if isinstance(k, str) else k[0]) not in causal)
+    stale = sorted(str(k) for k in XFAIL if (k if isinstance(k, str) else k[0]) not in in_matrix)
     summary = {
         "supported": ok,
         "unsupported": len(results) - ok,
-        "not_in_matrix": len(discover_moe_families()) - len(causal),
+        "not_in_matrix": len(discover_moe_families()) - len(in_matrix),
         "stale_xfail_entries": stale,
         "seconds": round(time.perf_counter() - t0, 1),
     }

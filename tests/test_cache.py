@@ -130,3 +130,22 @@ def test_concurrent_layers_share_one_cache(mixtral_dir, mixtral_model):
     s = stats.snapshot()
     assert s["hits"] + s["misses"] == 120
     cache.close()
+
+
+def test_timeline_records_io_compute_and_layers(mixtral_dir):
+    from transformers import AutoModelForCausalLM
+
+    off = AutoModelForCausalLM.from_pretrained(mixtral_dir, offload_config={"host_budget": "30%", "prefetch": "none"})
+    tl = off.offload_engine.cache.timeline
+    off.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2, do_sample=False)
+    assert tl.events() == []  # off by default
+    tl.enabled = True
+    off.reset_offload_stats()
+    off.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, do_sample=False)
+    kinds = {e.kind for e in tl.events()}
+    assert {"io", "compute", "layer"} <= kinds
+    io = [e for e in tl.events() if e.kind == "io"]
+    assert all(e.end >= e.start and e.args["bytes"] > 0 for e in io)
+    assert len(io) == off.offload_stats()["loads"]
+    layers = [e for e in tl.events() if e.kind == "layer"]
+    assert {e.args["layer"] for e in layers} == {0, 1}

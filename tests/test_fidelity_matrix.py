@@ -1,4 +1,4 @@
-"""Every causal-LM MoE type that transformers ships, offloaded vs normal, in every checkpoint layout.
+"""Every causal-LM and seq2seq MoE type that transformers ships, offloaded vs normal, in every checkpoint layout.
 
 One case per (model type, layout), id `model_type-layout`: a tiny fp32 model built from the type's own default
 config (tests/_matrix_configs.py), saved per-expert (`save_pretrained`, as on the hub) and fused (the state dict),
@@ -46,8 +46,9 @@ def test_offloaded_matches_normal(model_type, layout, tmp_path):
 def test_discovery_finds_the_known_families():
     types = set(_TYPES)
     expected = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "phimoe", "deepseek_v3", "dbrx", "llama4_text", "jetmoe"}
+    expected |= {"switch_transformers", "nllb-moe"}  # seq2seq
     assert expected <= types, f"missing from discovery: {sorted(expected - types)}"
-    assert "switch_transformers" in {f.model_type for f in discover_moe_families()}
+    assert "qwen3_vl_moe" in {f.model_type for f in discover_moe_families()}  # listed, not in the matrix
 
 
 def test_undecorated_table_matches_transformers():

@@ -2,7 +2,7 @@
 
 # Registers the adapters: `interface` (every @use_experts_implementation class) and the undecorated families,
 # which install instance-level forwards. Their `matches` are disjoint, so registration order does not matter.
-from . import dbrx, interface, jetmoe, llama4  # noqa: F401
+from . import dbrx, interface, jetmoe, llama4, longcat_flash, nllb_moe, switch_transformers  # noqa: F401
 from .base import (
     STRIPPED_ATTR,
     ExpertForward,

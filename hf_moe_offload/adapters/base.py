@@ -62,11 +62,14 @@ class ExpertParam:
         name: attribute on the experts module, e.g. `"gate_up_proj"` (its full tensor is `[E, *shape]`).
         shape: shape of one expert's slice, e.g. `(2 * I, H)`.
         dtype: dtype the model computes in (the checkpoint may store another; it is converted on load).
+        stored_experts: slices on dim 0 of the fused tensor when it holds more than the layer's experts (LongCat
+            keeps identity "zero experts" after the routed ones); 0 means the layer's `num_experts`.
     """
 
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
+    stored_experts: int = 0
 
     @property
     def nbytes(self) -> int:
@@ -118,6 +121,16 @@ class ExpertsAdapter(ABC):
     def top_k(self, module: nn.Module) -> int | None:
         """Experts per token when the module knows it; None lets the topology read the model config."""
         return None
+
+    def expert_keys(self, module: nn.Module) -> dict[str, tuple[str, ...]] | None:
+        """For experts stored one module per expert: weight name -> the state-dict suffix of each expert's tensor,
+        relative to the experts module (`{"wi.weight": ("expert_0.wi.weight", ...)}`). None (the default): each
+        weight is one fused parameter, found through transformers' conversion mapping."""
+        return None
+
+    def offloaded_tensors(self, module: nn.Module) -> list[torch.Tensor]:
+        """Every tensor `strip` takes out (or will), to tell offloaded bytes from resident ones."""
+        return [self.weight(module, name) for name in self.offloaded_param_names(module)]
 
     def strip(self, module: nn.Module) -> None:
         """Replace the offloaded parameters by meta tensors that are not parameters (so not in the state dict)."""

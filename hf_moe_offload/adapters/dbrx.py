@@ -1,4 +1,4 @@
-"""DBRX: experts as three 2-D weights `w1`, `v1`, `w2` of shape `[E * I, H]` on `DbrxExpertGLU`.
+r"""DBRX: experts as three 2-D weights `w1`, `v1`, `w2` of shape `[E * I, H]` on `DbrxExpertGLU`.
 
 ```
 DbrxFFN: router -> (top_k_weights, top_k_index) -> DbrxExperts(hidden, top_k_index, top_k_weights)

@@ -60,7 +60,7 @@ class MoEFamily:
 
 
 # Undecorated MoE experts classes (model folder -> class, note): data, checked against the installed transformers
-# by tests/test_discovery-style assertions in the fidelity matrix (a renamed class shows up as a failure).
+# by tests/test_fidelity_matrix.py (a renamed class, or a family decorated upstream, fails that test).
 UNDECORATED: dict[str, tuple[str, str]] = {
     "dbrx": ("DbrxExperts", "2-D w1/v1/w2 [E*I, H] on DbrxExpertGLU; per-expert row blocks"),
     "llama4": ("Llama4TextExperts", "computes every expert densely on score-scaled inputs (sigmoid router)"),

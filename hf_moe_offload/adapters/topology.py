@@ -118,11 +118,12 @@ def describe_model(model: nn.Module) -> MoETopology:
         if adapter is None:
             continue
         params = adapter.expert_params(module)
-        for p in params:
-            offloaded_ids.add(id(adapter.weight(module, p.name)))
+        offloaded_ids.update(id(t) for t in adapter.offloaded_tensors(module))
         n = adapter.num_experts(module)
         parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-        router = next((getattr(parent, a) for a in ROUTER_ATTRS if isinstance(getattr(parent, a, None), nn.Module)), None)
+        router = next(
+            (getattr(parent, a) for a in ROUTER_ATTRS if isinstance(getattr(parent, a, None), nn.Module)), None
+        )
         top_k = _top_k(module, adapter, n, model_config)
         layers.append(ExpertsLayer(len(layers), name, module, adapter, n, top_k, params, router))
     if not layers:

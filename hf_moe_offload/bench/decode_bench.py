@@ -122,11 +122,13 @@ def checkpoint_bytes(model_dir: str | Path) -> dict[str, int]:
 
 
 def config_budget(name: str, sizes: dict[str, int]) -> tuple[str, int | None, int]:
-    """Parse a config name (`a`, `b25`, `c50`) into (kind, expert percent, memory budget in bytes).
+    """Parse a config name (`a`, `b25`, `c50`, `c50n` = prefetch off) into (kind, expert percent, budget in bytes).
 
     The budget is what the config may hold in memory: the whole model for `a`, otherwise the non-expert bytes
     plus the given percent of the expert bytes.
     """
+    if name[:1] == "c" and name[-1:].isalpha():  # c25n: this library with prefetching off
+        name = name[:-1]
     kind, pct = name[:1], name[1:]
     if not name or kind not in "abc" or (kind == "a") != (pct == "") or (pct and not pct.isdigit()):
         raise ValueError(f"config names are 'a', 'b<percent>' or 'c<percent>' (e.g. b25, c50), got {name!r}")
@@ -158,6 +160,8 @@ def _load(spec: dict):
         if not hasattr(hf_moe_offload, "OffloadConfig"):
             raise ImportError("hf_moe_offload has no OffloadConfig yet: the library core has not landed")
         kwargs["offload_config"] = {"host_budget": f"{spec['percent']}%"}
+        if spec["name"].endswith("n"):
+            kwargs["offload_config"]["prefetch"] = "none"
     return AutoModelForCausalLM.from_pretrained(spec["model_dir"], **kwargs)
 
 

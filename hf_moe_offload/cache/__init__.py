@@ -3,6 +3,7 @@
 from .expert_cache import ExpertCache, Lease, SlotPool
 from .policies import EvictionPolicy, LFUPolicy, LRUPolicy, list_policies, make_policy, register_policy
 from .stats import OffloadStats
+from .timeline import Event, Timeline
 
 __all__ = [
     "ExpertCache",
@@ -15,4 +16,6 @@ __all__ = [
     "make_policy",
     "register_policy",
     "OffloadStats",
+    "Event",
+    "Timeline",
 ]

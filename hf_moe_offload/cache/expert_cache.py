@@ -29,6 +29,7 @@ from ..storage import ExpertStore, slot_views
 from .loader import QUEUED, PriorityLoader
 from .policies import EvictionPolicy
 from .stats import OffloadStats
+from .timeline import Timeline
 
 __all__ = ["ExpertCache", "Lease", "SlotPool"]
 
@@ -174,6 +175,7 @@ class ExpertCache:
             self._staging = threading.local()
         else:
             self.compute = self.host
+        self.timeline = Timeline()
         self._loader = PriorityLoader(io_threads, self._load)
         self._protected: frozenset = frozenset()
         self._closed = False
@@ -329,6 +331,8 @@ class ExpertCache:
             if self.compute is self.host:
                 n = self.store.read_into(layer, expert, self.host.pool.buffer(e.slot))
                 self.stats.add("bytes_loaded", n)
+                self.timeline.record("io", f"read L{layer}E{expert}", t0, time.perf_counter(), layer=layer,
+                                     expert=expert, bytes=n, tier="disk->host", speculative=e.speculative)  # fmt: skip
             else:
                 self._load_to_device(e)
             self.stats.add("loads")
@@ -382,7 +386,11 @@ class ExpertCache:
                 event.record(self._copy_stream)
             e.event = event
             self.stats.add("bytes_h2d", self.layout.slot_nbytes)
-            event.synchronize()  # this I/O thread waits, so the host slot / staging buffer can be reused safely
+            t_copy = time.perf_counter()
+            event.synchronize()
+            self.timeline.record("io", f"h2d L{layer}E{expert}", t_copy, time.perf_counter(), layer=layer,
+                                 expert=expert, bytes=self.layout.slot_nbytes, tier="host->device",
+                                 speculative=e.speculative)  # fmt: skip  # this I/O thread waits, so the host slot / staging buffer can be reused safely
         finally:
             if host_entry is not None:
                 self._unpin(self.host, host_entry)

@@ -78,11 +78,16 @@ def run_layer(module, engine, layer, hidden_states, top_k_index, top_k_weights, 
     out_dtype = torch.promote_types(hidden_states.dtype, top_k_weights.dtype)
     buf = hidden_states.new_zeros(num_tokens * k, hidden_states.shape[-1], dtype=out_dtype)
 
+    timeline = cache.timeline
+    t_layer = time.perf_counter()
+
     def compute(e: int, weights: dict[str, torch.Tensor]) -> None:
+        t0 = time.perf_counter()
         pos = order[starts[e] : starts[e + 1]]
         x = hidden_states[pos // k]
         y = expert_mlp(module, weights, x, e) if expert_fn is None else expert_fn(weights, x, e)
         buf[pos] = (y * flat_weights[pos, None]).to(out_dtype)
+        timeline.record("compute", f"L{layer}E{e}", t0, time.perf_counter(), layer=layer, expert=e, tokens=len(pos))
 
     needed = [e for e in range(num_experts) if counts[e]]
     leases = {}
@@ -110,7 +115,9 @@ def run_layer(module, engine, layer, hidden_states, top_k_index, top_k_weights, 
             if not ready:
                 t0 = time.perf_counter()
                 wait([lease.future for lease in leases.values()], return_when=FIRST_COMPLETED)
-                stats.stall(time.perf_counter() - t0)
+                t1 = time.perf_counter()
+                stats.stall(t1 - t0)
+                timeline.record("stall", f"wait L{layer}", t0, t1, layer=layer)
                 ready = [e for e, lease in leases.items() if lease.ready()]
             e = ready[0]
             lease = leases.pop(e)
@@ -122,4 +129,7 @@ def run_layer(module, engine, layer, hidden_states, top_k_index, top_k_weights, 
     finally:
         for lease in leases.values():
             lease.release()
-    return buf.view(num_tokens, k, -1).sum(dim=1).to(hidden_states.dtype)
+    out = buf.view(num_tokens, k, -1).sum(dim=1).to(hidden_states.dtype)
+    step = engine.prefetcher.step if engine.prefetcher is not None else None
+    timeline.record("layer", f"MoE L{layer}", t_layer, time.perf_counter(), layer=layer, step=step, tokens=num_tokens)
+    return out

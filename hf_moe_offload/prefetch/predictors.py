@@ -105,7 +105,9 @@ class GateLookahead(Predictor):
             router = self.routers.get(t)
             if router is None:
                 continue
-            res = router(hidden)
+            res = self._call(t, router, hidden)
+            if res is None:
+                continue
             if isinstance(res, tuple) and len(res) >= 3 and not torch.is_floating_point(res[2]):
                 idx = res[2]
             else:
@@ -114,6 +116,21 @@ class GateLookahead(Predictor):
             counts = torch.bincount(idx.reshape(-1).clamp(max=self.num_experts[t] - 1), minlength=self.num_experts[t])
             out[t] = counts.cpu().numpy().astype(np.float64)
         return out
+
+    def _call(self, layer: int, router: Callable, hidden: torch.Tensor):
+        """Call a router on `(T, H)` or, failing that, `(1, T, H)`; a router that takes neither (an extra argument,
+        another layout) is dropped for good: a prediction must never break the forward."""
+        for x in (hidden, hidden.unsqueeze(0)):
+            try:
+                res = router(x)
+            except Exception:  # noqa: BLE001 - any failure just means "no prediction from this router"
+                continue
+            first = res[0] if isinstance(res, tuple) else res
+            if torch.is_tensor(first) and first.shape[-1] == self.num_experts[layer]:
+                return tuple(r.reshape(-1, r.shape[-1]) if torch.is_tensor(r) else r for r in res) if isinstance(
+                    res, tuple) else res.reshape(-1, res.shape[-1])  # fmt: skip
+        self.routers.pop(layer, None)
+        return None
 
 
 @register_predictor("correlation")

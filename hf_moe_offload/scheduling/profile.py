@@ -1,0 +1,353 @@
+r"""`HardwareProfile`: the measured numbers the planner's cost model divides by.
+
+```
+checkpoint file --fadvise(DONTNEED)--> pread blocks (cold) --> disk_read_Bps
+               \-- pread the same blocks again (warm) ----> page_cache_read_Bps
+one expert MLP at the model's shapes and dtype, n = 1 .. 256 tokens --> t(n) = a + b * n   (CPU, and the device)
+torch copy of a large buffer --> memory bandwidth (dense weights and KV are streamed at this rate)
+pinned host buffer --> device (CUDA only) --> h2d_Bps
+```
+An expert's compute time is modelled as `t(n) = a + b * n`: `a` is the cost of streaming its weights from memory
+once (what a decode step with few tokens pays), `b` the arithmetic per token. The fit is a least-squares line
+through timed runs of the canonical gated MLP (`gate_up` matmul, SiLU-and-multiply, `down` matmul) whose FLOPs
+and bytes equal the model's expert. Every timing is the minimum of several repeats, cycling over enough copies of
+the weights that they do not stay in the CPU caches: on a shared machine the minimum estimates what the hardware
+can do, a median what the neighbours left over (see docs/planner.md).
+
+Cold reads use `posix_fadvise(DONTNEED)` first; a file that a live `mmap` maps stays cached whatever we advise,
+so measure on a file no other process maps, or pass the bandwidth yourself. This module never initialises CUDA
+unless asked for a CUDA profile.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import platform
+import random
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["LinearFit", "HardwareProfile", "measure_profile", "measure_read_bandwidth", "canonical_dims"]
+
+_VERSION = 1
+_TOKEN_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+_MiB = 2**20
+
+
+@dataclass
+class LinearFit:
+    """`t(n) = a + b * n` seconds for one expert on `n` tokens, with the points it was fitted to."""
+
+    a: float
+    b: float
+    points: list[tuple[int, float]] = field(default_factory=list)
+
+    def __call__(self, n: float) -> float:
+        return 0.0 if n <= 0 else self.a + self.b * n
+
+    @classmethod
+    def fit(cls, points: list[tuple[int, float]]) -> LinearFit:
+        """Least squares on relative error (weights `1 / t`), so small token counts are not swamped; `a, b >= 0`."""
+        n = np.array([p[0] for p in points], dtype=np.float64)
+        t = np.array([p[1] for p in points], dtype=np.float64)
+        if len(points) == 1:
+            return cls(float(t[0]), 0.0, list(points))
+        b, a = np.polyfit(n, t, 1, w=1.0 / np.maximum(t, 1e-12))
+        if b < 0:
+            a, b = float(t.min()), 0.0
+        elif a < 0:
+            a, b = 0.0, float(np.sum(n * t) / np.sum(n * n))
+        return cls(float(a), float(b), [(int(x), float(y)) for x, y in points])
+
+
+@dataclass
+class HardwareProfile:
+    """What this machine does with one model's experts.
+
+    Attributes:
+        expert_nbytes: bytes of one expert (all its weights) at `dtype`.
+        hidden_size, intermediate_size: the canonical gated MLP that was timed (same FLOPs and bytes as the expert).
+        dtype: the compute dtype, e.g. `"bfloat16"`.
+        disk_read_Bps: cold read bandwidth (page cache evicted), bytes per second.
+        page_cache_read_Bps: warm read bandwidth of the same bytes, or None if not measured.
+        cpu_mem_Bps: host memory bandwidth (a large tensor copy, bytes read per second).
+        cpu_fit: expert time on the CPU against its token count.
+        h2d_Bps: pinned host -> device copy bandwidth, None without an accelerator.
+        device: the accelerator measured (e.g. `"cuda:0 NVIDIA H100"`), None for CPU only.
+        device_mem_Bps: accelerator memory bandwidth, or None.
+        device_fit: expert time on the accelerator, or None.
+        meta: how it was measured (threads, torch version, sources).
+    """
+
+    expert_nbytes: int
+    hidden_size: int
+    intermediate_size: int
+    dtype: str
+    disk_read_Bps: float
+    cpu_mem_Bps: float
+    cpu_fit: LinearFit
+    page_cache_read_Bps: float | None = None
+    h2d_Bps: float | None = None
+    device: str | None = None
+    device_mem_Bps: float | None = None
+    device_fit: LinearFit | None = None
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def has_device(self) -> bool:
+        return self.device_fit is not None and self.h2d_Bps is not None
+
+    def cpu_expert_seconds(self, n_tokens: float) -> float:
+        return self.cpu_fit(n_tokens)
+
+    def device_expert_seconds(self, n_tokens: float) -> float:
+        if self.device_fit is None:
+            raise ValueError("this profile has no accelerator timings; measure it with device='cuda'")
+        return self.device_fit(n_tokens)
+
+    def flops_per_second(self, on_device: bool = False) -> float:
+        """Matmul rate implied by the per-token slope: `2 * params` FLOPs per token per expert in `b` seconds."""
+        fit = self.device_fit if on_device else self.cpu_fit
+        flops = 2.0 * 3 * self.hidden_size * self.intermediate_size
+        return flops / max(fit.b, 1e-15)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": _VERSION, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> HardwareProfile:
+        data = dict(data)
+        version = data.pop("version", _VERSION)
+        if version != _VERSION:
+            raise ValueError(f"hardware profile version {version} is not supported (expected {_VERSION}); re-measure")
+        for key in ("cpu_fit", "device_fit"):
+            if data.get(key) is not None:
+                fit = data[key]
+                data[key] = LinearFit(fit["a"], fit["b"], [tuple(p) for p in fit.get("points", [])])
+        return cls(**data)
+
+    def save(self, path: str | os.PathLike) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=1)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> HardwareProfile:
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))
+
+
+def canonical_dims(expert_shapes: dict[str, Any] | tuple[int, int]) -> tuple[int, int]:
+    """`(hidden, intermediate)` of the gated MLP with the same FLOPs and bytes as an expert.
+
+    Args:
+        expert_shapes: `{name: shape of one expert's slice}` (what `MoETopology.summary()["params"]` holds), or
+            `(hidden, intermediate)` directly. The hidden size is the dimension every 2-D weight shares (`[2I, H]`
+            and `[H, I]`, or transposed); the intermediate size is `params / (3 * hidden)`.
+    """
+    if isinstance(expert_shapes, (tuple, list)):
+        return int(expert_shapes[0]), int(expert_shapes[1])
+    mats = [tuple(int(d) for d in s) for s in expert_shapes.values() if len(s) == 2]
+    if not mats:
+        raise ValueError(f"expected 2-D expert weight shapes, got {expert_shapes!r}")
+    common = set(mats[0]).intersection(*map(set, mats[1:]))
+    if not common:
+        raise ValueError(f"expert weights {expert_shapes!r} share no dimension; pass (hidden, intermediate) instead")
+    hidden = min(common)
+    params = sum(math.prod(s) for s in mats)
+    return hidden, max(1, round(params / (3 * hidden)))
+
+
+def measure_read_bandwidth(
+    path: str | os.PathLike, block: int = 16 * _MiB, max_bytes: int = 256 * _MiB, seed: int | None = None
+) -> tuple[float, float]:
+    """`(cold, warm)` read bandwidth of `path` in bytes/s: `pread` of `block`-sized pieces into one reused buffer.
+
+    The pieces sit at random block-aligned offsets (an expert cache reads experts in no particular order; a fresh
+    region on each call also dodges caches below the page cache, such as a VM host's). The first pass follows
+    `posix_fadvise(DONTNEED)` (the disk), the second re-reads the same pieces (the page cache); the file is
+    evicted again afterwards. Pages of a file that some process maps stay cached whatever we advise.
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        block = max(4096, min(block, size or 4096))
+        starts = list(range(0, max(size, 1), block))
+        random.Random(seed).shuffle(starts)
+        starts = starts[: max(1, max_bytes // block)]
+        buf = memoryview(bytearray(block))
+
+        def one_pass() -> float:
+            t0, done = time.perf_counter(), 0
+            for offset in starts:
+                want, got = min(block, size - offset), 0
+                while got < want:
+                    n = os.preadv(fd, [buf[got:want]], offset + got)
+                    if n <= 0:
+                        break
+                    got += n
+                done += got
+            return done / max(time.perf_counter() - t0, 1e-9)
+
+        try:
+            os.fdatasync(fd)  # dirty pages (a freshly written file) are not dropped by DONTNEED
+        except OSError:
+            pass
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        cold = one_pass()
+        warm = max(one_pass(), one_pass())
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        return cold, warm
+    finally:
+        os.close(fd)
+
+
+def _scratch_bandwidth(folder: str | None, nbytes: int) -> tuple[float, float]:
+    fd, path = tempfile.mkstemp(prefix="hf_moe_offload_profile_", dir=folder)
+    try:
+        chunk = os.urandom(min(nbytes, 4 * _MiB))
+        with os.fdopen(fd, "wb") as f:
+            for _ in range(max(1, nbytes // len(chunk))):
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        return measure_read_bandwidth(path, block=4 * _MiB, max_bytes=nbytes)
+    finally:
+        os.unlink(path)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _min_time(fn, device: torch.device, repeats: int, budget_s: float = 1.0) -> float:
+    """Best of `repeats` timed runs after one warm-up; stops early (after two) once `budget_s` is spent."""
+    fn()
+    _sync(device)
+    best, spent = math.inf, 0.0
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        elapsed = time.perf_counter() - t0
+        best, spent = min(best, elapsed), spent + elapsed
+        if i >= 1 and spent > budget_s:
+            break
+    return best
+
+
+def _expert_fit(hidden: int, inter: int, dtype: torch.dtype, device: torch.device, counts, repeats: int) -> LinearFit:
+    nbytes = 3 * hidden * inter * torch.empty((), dtype=dtype).element_size()
+    copies = 1 if device.type == "cuda" else max(2, min(8, math.ceil(64 * _MiB / nbytes)))
+    weights = [
+        (torch.randn(2 * inter, hidden, device=device).to(dtype) * 0.02, torch.randn(hidden, inter, device=device).to(dtype) * 0.02)
+        for _ in range(copies)
+    ]  # fmt: skip
+    points = []
+    for n in counts:
+        x, turn = torch.randn(n, hidden, device=device).to(dtype), itertools.count()
+
+        def run(x=x, turn=turn) -> None:
+            gate_up, down = weights[next(turn) % copies]
+            gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+            F.linear(F.silu(gate) * up, down)
+
+        with torch.inference_mode():
+            points.append((n, _min_time(run, device, repeats)))
+        if len(points) >= 3 and points[-1][1] > 0.5:  # a huge expert: enough points for a line
+            break
+    return LinearFit.fit(points)
+
+
+def _mem_bandwidth(device: torch.device, nbytes: int, repeats: int) -> float:
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    return nbytes / _min_time(lambda: dst.copy_(src), device, repeats)
+
+
+def _h2d_bandwidth(device: torch.device, nbytes: int, repeats: int) -> float:
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).fill_(1)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    return nbytes / _min_time(lambda: dst.copy_(src, non_blocking=True), device, repeats)
+
+
+def measure_profile(
+    expert_shapes: dict[str, Any] | tuple[int, int],
+    dtype: torch.dtype | str = torch.bfloat16,
+    sample_file: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    *,
+    disk_read_Bps: float | None = None,
+    page_cache_read_Bps: float | None = None,
+    token_counts: tuple[int, ...] = _TOKEN_COUNTS,
+    repeats: int = 5,
+    scratch_dir: str | None = None,
+    scratch_bytes: int = 64 * _MiB,
+) -> HardwareProfile:
+    """Time this machine at one model's expert shapes.
+
+    Args:
+        expert_shapes: one expert's weight shapes (`MoETopology.summary()["params"]`) or `(hidden, intermediate)`.
+        dtype: the compute dtype (`torch.bfloat16` or `"bfloat16"`).
+        sample_file: a file on the disk the experts will be read from (e.g. the model's largest safetensors file)
+            to time cold and warm reads; at most 256 MiB of it are read.
+        device: `"cpu"`, or `"cuda[:N]"` to time the accelerator (expert compute, memory, host -> device copies)
+            as well as the CPU.
+        disk_read_Bps: a known cold read bandwidth; skips the disk measurement.
+        page_cache_read_Bps: a known warm read bandwidth.
+        token_counts: token counts the expert is timed at.
+        repeats: timed runs per point (the minimum is kept).
+        scratch_dir: with neither `sample_file` nor `disk_read_Bps`, a scratch file of `scratch_bytes` is written
+            here (default: the temp directory, which may be RAM-backed: prefer a `sample_file`).
+
+    Returns:
+        The `HardwareProfile`.
+
+    Example:
+        ```python
+        >>> profile = measure_profile({"gate_up_proj": [7168, 1024], "down_proj": [1024, 3584]}, "bfloat16",
+        ...                           sample_file="model/model-00001-of-00003.safetensors")
+        >>> profile.save("profile.json")
+        ```
+    """
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    hidden, inter = canonical_dims(expert_shapes)
+    expert_nbytes = 3 * hidden * inter * torch.empty((), dtype=dtype).element_size()
+    meta: dict[str, Any] = {"threads": torch.get_num_threads(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                            "machine": platform.machine(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
+    if disk_read_Bps is None:
+        if sample_file is not None:
+            disk_read_Bps, warm = measure_read_bandwidth(sample_file, block=min(max(expert_nbytes, _MiB), 64 * _MiB))
+            meta["disk_source"] = os.fspath(sample_file)
+        else:
+            disk_read_Bps, warm = _scratch_bandwidth(scratch_dir, scratch_bytes)
+            meta["disk_source"] = f"scratch file in {scratch_dir or tempfile.gettempdir()}"
+        page_cache_read_Bps = page_cache_read_Bps or warm
+    else:
+        meta["disk_source"] = "given"
+    cpu = torch.device("cpu")
+    mem_bytes = max(64 * _MiB, min(256 * _MiB, 4 * expert_nbytes))
+    profile = HardwareProfile(
+        expert_nbytes=expert_nbytes, hidden_size=hidden, intermediate_size=inter, dtype=str(dtype).replace("torch.", ""),
+        disk_read_Bps=float(disk_read_Bps), page_cache_read_Bps=page_cache_read_Bps,
+        cpu_mem_Bps=_mem_bandwidth(cpu, mem_bytes, repeats),
+        cpu_fit=_expert_fit(hidden, inter, dtype, cpu, token_counts, repeats), meta=meta,
+    )  # fmt: skip
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        dev = torch.device("cuda", index)
+        profile.device = f"{dev} {torch.cuda.get_device_name(dev)}"
+        profile.h2d_Bps = _h2d_bandwidth(dev, max(expert_nbytes, 16 * _MiB), repeats)
+        profile.device_mem_Bps = _mem_bandwidth(dev, max(256 * _MiB, 4 * expert_nbytes), repeats)
+        profile.device_fit = _expert_fit(hidden, inter, dtype, dev, token_counts, repeats)
+    return profile

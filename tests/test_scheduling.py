@@ -1,0 +1,316 @@
+"""Scheduling: the planner's cost model on hand-computable cases, its routing and cache models against Monte-Carlo,
+the planner's constraints, Fiddler's placement rule, the token scheduler, profiles, `mode="auto"` values and
+`hf-moe-offload plan`."""
+
+import json
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import torch
+
+from hf_moe_offload import OffloadConfig
+from hf_moe_offload.cli.main import main as cli_main
+from hf_moe_offload.prefetch import RoutingTrace
+from hf_moe_offload.scheduling.auto import auto_config, resolve_auto
+from hf_moe_offload.scheduling.planner import (
+    ModelShape,
+    distinct_from_trace,
+    estimate_step,
+    expected_distinct,
+    lru_hit_rate,
+    place_expert,
+    plan,
+)
+from hf_moe_offload.scheduling.profile import (
+    HardwareProfile,
+    LinearFit,
+    canonical_dims,
+    measure_profile,
+    measure_read_bandwidth,
+)
+from hf_moe_offload.scheduling.token_scheduler import group_sequences, routing_signature
+
+MB = 10**6
+
+
+def _profile(a=0.5e-3, b=0.0, disk=1e9, nbytes=MB, device=None) -> HardwareProfile:
+    """A profile with round numbers: one expert load takes `nbytes / disk` s, one expert on n tokens `a + b n` s."""
+    p = HardwareProfile(expert_nbytes=nbytes, hidden_size=64, intermediate_size=64, dtype="bfloat16",
+                        disk_read_Bps=disk, cpu_mem_Bps=1e30, cpu_fit=LinearFit(a, b), page_cache_read_Bps=10 * disk)  # fmt: skip
+    if device is not None:
+        p.device, p.h2d_Bps, p.device_mem_Bps, p.device_fit = "cuda:0 fake", device[0], 1e30, LinearFit(*device[1])
+    return p
+
+
+SHAPE = ModelShape(num_layers=4, num_experts=8, top_k=2, expert_nbytes=MB, other_nbytes=0)
+
+
+# -- cost model arithmetic ---------------------------------------------------------------------------------------
+
+
+def test_transfer_bound_layer_overlap_vs_sum():
+    # 2 distinct experts, all missed: 2 MB / 1 GB/s = 2 ms transfer; compute 2 * 0.5 ms = 1 ms per layer.
+    c = estimate_step(_profile(), SHAPE, 1, compute_slots=2, distinct=[2, 2, 2, 2], hit_rate=0.0)
+    assert c.transfer_s == pytest.approx([2e-3] * 4)
+    assert c.compute_s == pytest.approx([1e-3] * 4)
+    assert c.step_s == pytest.approx(8e-3)  # max(2, 1) ms x 4 layers
+    assert c.serial_step_s == pytest.approx(12e-3)  # (2 + 1) ms x 4 layers
+    assert c.tokens_per_s == pytest.approx(125.0)
+    assert c.bubble_fraction == pytest.approx(0.5)
+
+
+def test_compute_bound_layer_has_no_bubble():
+    c = estimate_step(_profile(b=1e-4), SHAPE, 4, compute_slots=2, distinct=[4] * 4, hit_rate=0.75)
+    assert c.transfer_s == pytest.approx([1e-3] * 4)  # 4 experts x 25% missed x 1 ms
+    assert c.compute_s == pytest.approx([4 * 0.5e-3 + 1e-4 * 4 * 2] * 4)  # d * a + b * B * k
+    assert c.step_s == pytest.approx(sum(c.compute_s))
+    assert c.bubble_fraction == pytest.approx(0.0)
+
+
+def test_dense_time_streams_weights_once_and_reads_each_kv_cache():
+    p = _profile()
+    p.cpu_mem_Bps = 1e9
+    shape = ModelShape(1, 8, 2, MB, other_nbytes=3 * MB, embedding_nbytes=MB)
+    base = estimate_step(p, SHAPE, 1, 2, distinct=[2] * 4, hit_rate=1.0).compute_s[0]
+    c = estimate_step(p, shape, 2, 2, distinct=[2], hit_rate=1.0, seq_bytes=MB)
+    flops = 2 * 2 * (2 * MB / 2) / p.flops_per_second()  # 2 tokens x 2 FLOPs x streamed params
+    assert c.compute_s[0] == pytest.approx(base + 2e-3 + flops + 2e-3)  # weights 2 MB + 2 sequences x 1 MB KV
+
+
+# -- routing and cache models against simulation ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch,experts,k", [(1, 8, 2), (4, 8, 2), (16, 64, 6), (64, 128, 8)])
+def test_expected_distinct_matches_monte_carlo(batch, experts, k):
+    rng = np.random.default_rng(0)
+    draws = [len({int(e) for _ in range(batch) for e in rng.choice(experts, k, replace=False)}) for _ in range(2000)]
+    # Uniform top-k without replacement: each expert is in a token's set with probability k/E, as the formula says.
+    assert expected_distinct(batch, experts, k) == pytest.approx(np.mean(draws), rel=0.03)
+
+
+def _lru_sim(layers, experts, k, batch, capacity, steps=400, seed=0) -> float:
+    rng, lru, hits, total = np.random.default_rng(seed), OrderedDict(), 0, 0
+    for step in range(steps):
+        for layer in range(layers):
+            used = {int(e) for _ in range(batch) for e in rng.choice(experts, k, replace=False)}
+            for e in sorted(used):
+                key, hit = (layer, e), (layer, e) in lru
+                if step >= 50:
+                    hits, total = hits + hit, total + 1
+                lru[key] = True
+                lru.move_to_end(key)
+                if len(lru) > capacity:
+                    lru.popitem(last=False)
+    return hits / total
+
+
+@pytest.mark.parametrize("layers,experts,k,batch,capacity", [(8, 8, 2, 1, 32), (8, 8, 2, 4, 48), (4, 8, 2, 4, 16)])
+def test_lru_hit_rate_model_matches_simulation(layers, experts, k, batch, capacity):
+    model = lru_hit_rate(capacity, layers, experts, expected_distinct(batch, experts, k))
+    assert model == pytest.approx(_lru_sim(layers, experts, k, batch, capacity), abs=0.05)
+
+
+def test_lru_hit_rate_limits():
+    assert lru_hit_rate(64, 8, 8, 2.0) == 1.0  # everything fits
+    assert lru_hit_rate(10, 8, 8, 2.0) == 0.0  # one step's 16 experts exceed the cache: LRU thrashes
+    assert lru_hit_rate(63, 8, 8, 8.0) == 0.0  # every expert every step: a cyclic scan
+
+
+def test_distinct_from_trace_and_plan_uses_it():
+    # Decode steps use one of two expert pairs, {0, 1} or {2, 3}: a batch never needs more than 4 experts.
+    chunks = [(0, layer, np.array([[0, 1]] * 3), np.ones((3, 2))) for layer in range(2)]
+    chunks += [(s, layer, np.array([[2 * (s % 2), 2 * (s % 2) + 1]]), np.ones((1, 2))) for s in range(1, 41)
+               for layer in range(2)]  # fmt: skip
+    trace = RoutingTrace.concat(2, 8, 2, chunks, {})
+    curve = distinct_from_trace(trace, (1, 2, 32), samples=32)
+    assert curve[1] == [2.0, 2.0]
+    assert curve[32] == [4.0, 4.0]
+    shape = ModelShape(2, 8, 2, MB, 0)
+    measured = plan(_profile(), shape, 100 * MB, batch_candidates=(1, 32), distinct_curve=curve)
+    assert measured.candidates[1].distinct == [4.0, 4.0]
+    uniform = plan(_profile(), shape, 100 * MB, batch_candidates=(1, 32))
+    assert uniform.candidates[1].distinct[0] == pytest.approx(expected_distinct(32, 8, 2))
+
+
+# -- the planner's choices ---------------------------------------------------------------------------------------
+
+
+def test_unconstrained_planner_picks_the_biggest_batch():
+    p = plan(_profile(b=1e-5), SHAPE, 10**9)
+    assert p.feasible and p.batch_size == 256
+    assert p.tokens_per_s == max(c.tokens_per_s for c in p.candidates)
+    assert "<- plan" in str(p) and json.dumps(p.to_dict())
+
+
+def test_planner_respects_the_latency_limit():
+    free = plan(_profile(b=1e-5), SHAPE, 10**9)
+    limit = free.candidates[3].step_s * 1.001  # batch 8 just fits
+    p = plan(_profile(b=1e-5), SHAPE, 10**9, latency_limit_s=limit)
+    assert p.feasible and p.step_s <= limit and p.batch_size == 8
+    assert all(not c.feasible and c.reason.startswith("latency") for c in p.candidates if c.batch_size > 8)
+    too_tight = plan(_profile(b=1e-5), SHAPE, 10**9, latency_limit_s=1e-6)
+    assert not too_tight.feasible and too_tight.reason.startswith("latency")
+
+
+def test_planner_respects_the_memory_budget():
+    budget, seq = 40 * MB, MB  # each sequence's KV costs an expert slot
+    p = plan(_profile(b=1e-5), SHAPE, budget, seq_bytes=seq)
+    assert p.feasible and p.batch_size == 32
+    chosen = next(c for c in p.candidates if c.batch_size == p.batch_size)
+    assert sum(chosen.memory.values()) <= budget and chosen.compute_slots >= SHAPE.top_k
+    assert all(c.reason.startswith("memory") for c in p.candidates if c.batch_size > 32)
+    assert p.host_budget_bytes == chosen.compute_slots * MB
+
+
+def test_more_cache_means_fewer_transfers():
+    small = plan(_profile(), SHAPE, 8 * MB, batch_candidates=(1,))
+    large = plan(_profile(), SHAPE, 32 * MB, batch_candidates=(1,))
+    assert large.hit_rate == 1.0 and sum(large.transfer_s) == 0.0
+    assert small.hit_rate < large.hit_rate and small.tokens_per_s < large.tokens_per_s
+
+
+# -- placement (Fiddler) -----------------------------------------------------------------------------------------
+
+
+def test_place_expert_flips_where_cpu_compute_stops_beating_the_copy():
+    # copy 3.5 MB at 1 GB/s = 3.5 ms, device compute free, CPU 1 ms per token: CPU up to 3 tokens.
+    p = _profile(a=0.0, b=1e-3, nbytes=3_500_000, device=(1e9, (0.0, 0.0)))
+    assert [place_expert(n, p) for n in (1, 2, 3, 4, 8)] == ["cpu", "cpu", "cpu", "device", "device"]
+    assert place_expert(100, _profile()) == "cpu"  # no accelerator
+    assert place_expert(4, p, transfer_s=10e-3) == "cpu"
+
+
+def test_device_plan_splits_budgets_and_places_missed_experts():
+    p = _profile(a=0.0, b=1e-3, nbytes=3_500_000, device=(1e9, (0.0, 0.0)))
+    shape = ModelShape(2, 8, 2, 3_500_000, other_nbytes=10 * MB)
+    result = plan(p, shape, memory_budget_bytes=100 * MB, batch_candidates=(1, 64), device_memory_bytes=30 * MB)
+    small, big = result.candidates
+    assert small.placement == "cpu" and big.placement == "device"
+    assert big.memory["device_slots"] == 5 * 3_500_000  # (30 - 10) MB of device memory -> 5 slots
+    assert big.memory["host_slots"] == 16 * 3_500_000  # the host holds every expert
+    assert result.device_budget_bytes > 0 and result.host_budget_bytes > 0
+
+
+# -- token scheduler ---------------------------------------------------------------------------------------------
+
+
+def _two_clusters(n=16, experts=8):
+    sig = np.zeros((n, experts), dtype=np.int64)
+    for i in range(n):  # even sequences use experts 0-3, odd ones 4-7: the input order mixes them
+        base = 0 if i % 2 == 0 else experts // 2
+        sig[i, base + (i // 2) % 4] = 3
+        sig[i, base + (i // 2 + 1) % 4] = 1
+    return sig
+
+
+def test_token_scheduler_separates_two_clusters():
+    sig = _two_clusters()
+    sched = group_sequences(sig, 8)
+    assert sorted(sched.permutation) == list(range(16))
+    assert all(len(g) <= 8 for g in sched.groups)
+    assert sched.distinct_before == [8, 8] and sched.distinct_after == [4, 4]
+    assert sched.reduction == pytest.approx(0.5)
+    assert {frozenset(i % 2 for i in g) for g in sched.groups} == {frozenset({0}), frozenset({1})}
+    again = group_sequences(torch.as_tensor(sig), 8)  # deterministic, tensors accepted
+    assert again.permutation == sched.permutation
+    assert sched.reorder(list(range(16))) == sched.permutation
+    assert [len(b) for b in sched.batches(list(range(16)))] == [8, 8]
+
+
+def test_token_scheduler_multilayer_signatures_and_ragged_last_group():
+    rng = np.random.default_rng(0)
+    sig = rng.integers(0, 2, size=(21, 3, 16))
+    sched = group_sequences(sig, 4)
+    assert sorted(sched.permutation) == list(range(21))
+    assert sorted(len(g) for g in sched.groups) == [1, 4, 4, 4, 4, 4]
+    assert sum(sched.distinct_after) <= sum(sched.distinct_before)
+    with pytest.raises(ValueError, match="group_size"):
+        group_sequences(sig, 0)
+
+
+def test_routing_signature_counts_router_choices():
+    torch.manual_seed(0)
+    router = torch.nn.Linear(16, 8)
+    hidden = torch.randn(3, 5, 16)
+    counts = routing_signature(router, hidden, num_experts=8, top_k=2)
+    assert counts.shape == (3, 8) and counts.sum(1).tolist() == [10, 10, 10]
+    expected = torch.bincount(torch.topk(router(hidden[1]), 2).indices.reshape(-1), minlength=8)
+    assert torch.equal(counts[1], expected)
+    mask = torch.ones(3, 5)
+    mask[0, 3:] = 0
+    as_tuple = routing_signature(lambda x: (None, None, torch.topk(router(x), 2).indices), hidden, 8, 2, mask)
+    assert as_tuple.sum(1).tolist() == [6, 10, 10]
+
+
+# -- profile -----------------------------------------------------------------------------------------------------
+
+
+def test_canonical_dims():
+    assert canonical_dims({"gate_up_proj": [7168, 1024], "down_proj": [1024, 3584]}) == (1024, 3584)
+    assert canonical_dims({"gate_up_proj": [1024, 7168], "down_proj": [3584, 1024]}) == (1024, 3584)  # transposed
+    assert canonical_dims({"up_proj": [96, 64], "down_proj": [64, 96]}) == (64, 64)  # ungated: same FLOPs
+    assert canonical_dims((32, 48)) == (32, 48)
+
+
+def test_linear_fit_recovers_a_line():
+    fit = LinearFit.fit([(n, 2e-3 + 1e-4 * n) for n in (1, 4, 16, 64)])
+    assert fit.a == pytest.approx(2e-3) and fit.b == pytest.approx(1e-4)
+    assert fit(0) == 0.0 and fit(10) == pytest.approx(3e-3)
+
+
+def test_profile_measures_and_round_trips(tmp_path):
+    sample = tmp_path / "sample.bin"
+    sample.write_bytes(b"\1" * (2 << 20))
+    cold, warm = measure_read_bandwidth(sample, block=1 << 20)
+    assert cold > 0 and warm > 0
+    p = measure_profile({"gate_up_proj": [64, 32], "down_proj": [32, 32]}, "float32", sample_file=sample,
+                        token_counts=(1, 4, 16), repeats=2)  # fmt: skip
+    assert (p.hidden_size, p.intermediate_size, p.expert_nbytes) == (32, 32, 3 * 32 * 32 * 4)
+    assert p.disk_read_Bps > 0 and p.cpu_mem_Bps > 0 and len(p.cpu_fit.points) == 3 and not p.has_device
+    path = tmp_path / "profile.json"
+    p.save(path)
+    back = HardwareProfile.load(path)
+    assert back == p and json.dumps(back.to_dict()) == json.dumps(p.to_dict())
+    assert back.cpu_expert_seconds(8) == pytest.approx(p.cpu_expert_seconds(8))
+
+
+# -- mode="auto" -------------------------------------------------------------------------------------------------
+
+
+def test_resolve_auto_cpu_and_cuda_budgets():
+    summary = {"moe_layers": 4, "experts_per_layer": 8, "top_k": 2, "bytes_per_expert": MB, "other_bytes": 10 * MB}
+    fast = _profile(a=0.25e-3)  # a layer computes 2 experts in 0.5 ms, one load takes 1 ms: prefetch 2 layers ahead
+    cpu = resolve_auto(OffloadConfig(device="cpu"), summary, fast, host_memory_bytes=30 * MB)
+    assert cpu == {"host_budget": 17 * MB, "device_budget": 0, "prefetch_depth": 2}  # 90% of 30 MB - 10 MB dense
+    tight = resolve_auto(OffloadConfig(device="cpu"), summary, None, host_memory_bytes=5 * MB)
+    assert tight["host_budget"] == 2 * MB and tight["prefetch_depth"] == 1  # floored at top-k experts
+    roomy = resolve_auto(OffloadConfig(device="cpu"), summary, None, host_memory_bytes=10**12)
+    assert roomy["host_budget"] == 32 * MB  # capped at all expert bytes
+    gpu = resolve_auto(OffloadConfig(device="cpu"), summary, None, device="cuda", host_memory_bytes=10 * MB,
+                       device_memory_bytes=20 * MB, batch_size=2, seq_bytes=MB)  # fmt: skip
+    assert gpu["device_budget"] == 18 * MB - 10 * MB - 2 * MB and gpu["host_budget"] == 9 * MB
+    cfg = auto_config(OffloadConfig(device="cpu"), summary, profile=fast, host_memory_bytes=30 * MB)
+    assert cfg.host_budget.nbytes == 17 * MB and cfg.prefetch_depth == 2
+
+
+# -- CLI ---------------------------------------------------------------------------------------------------------
+
+PLAN_KEYS = {"batch_size", "feasible", "tokens_per_s", "step_s", "serial_step_s", "bubble_fraction", "hit_rate",
+             "placement", "host_budget_bytes", "device_budget_bytes", "transfer_s", "compute_s", "min_overlap_batch",
+             "candidates", "inputs", "model", "profile", "offload_config"}  # fmt: skip
+
+
+def test_plan_command_prints_table_and_json(mixtral_dir, tmp_path, capsys):
+    profile = tmp_path / "p.json"
+    code = cli_main(["plan", mixtral_dir, "--memory", "64MiB", "--disk-bandwidth", "400MB",
+                     "--save-profile", str(profile), "--batches", "1,4,16"])  # fmt: skip
+    out = capsys.readouterr().out.strip().splitlines()
+    record = json.loads(out[-1])
+    assert code == 0 and PLAN_KEYS <= set(record)
+    assert record["profile"]["disk_read_Bps"] == 400e6 and record["batch_size"] == 16
+    assert any("<- plan" in line for line in out)
+    code = cli_main(["plan", mixtral_dir, "--memory", "64MiB", "--profile", str(profile), "--latency", "1e-9"])
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == 1 and record["feasible"] is False and record["reason"].startswith("latency")
+    assert cli_main(["plan", mixtral_dir, "--memory", "25%", "--profile", str(profile)]) == 2
