@@ -58,3 +58,37 @@ def test_replay_forces_routing_on_a_bigger_model():
         for layer in range(3):
             want, _ = map_routing(*trace.rows(step, layer % 2), 8, 16, 4)
             assert np.array_equal(replayed.rows(step, layer)[0], want)
+
+
+def test_lookahead_is_recorded_and_drives_prefetch_in_a_replay(tmp_path):
+    from _models import save_checkpoint
+    from transformers import AutoModelForCausalLM
+
+    small = build_tiny("mixtral", num_hidden_layers=3)
+    ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(2))
+    with record_routing(small) as rec:
+        small.generate(ids, max_new_tokens=12, do_sample=False, min_new_tokens=12)
+    trace = rec.trace()
+    assert trace.lookahead is not None and trace.lookahead.shape == trace.experts.shape
+    assert trace.lookahead_rows(0, 2) is None  # the last layer predicts nothing
+    rows = trace.lookahead_rows(3, 0)
+    assert rows is not None and rows.min() >= 0 and rows.max() < 8
+    path = str(tmp_path / "t.npz")
+    trace.save(path)
+    trace = RoutingTrace.load(path)
+    assert trace.lookahead is not None
+
+    big = build_tiny("mixtral", num_local_experts=16, num_hidden_layers=3)
+    folder = save_checkpoint(big, str(tmp_path / "big"), "fused")
+    off = AutoModelForCausalLM.from_pretrained(
+        folder, offload_config={"host_budget": "30%", "prefetch": "gate_lookahead"}
+    )
+    predictor = off.offload_engine.prefetcher.predictors[0]
+    own = dict(predictor.routers)
+    with replay_routing(off, trace):
+        off.generate(ids, max_new_tokens=12, do_sample=False, min_new_tokens=12)
+        replayed = dict(predictor.routers)
+    assert predictor.routers == own  # restored
+    assert set(replayed) and all(type(r).__name__ == "_ReplayedRouter" for r in replayed.values())
+    s = off.offload_stats()
+    assert s["prefetch_issued"] > 0 and s["prefetch_precision"] > 0

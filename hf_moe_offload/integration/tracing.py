@@ -5,16 +5,23 @@ models alike, for every family whose experts take `(hidden_states, top_k_index, 
 advances each time the first MoE layer is called. Replaying maps layers cyclically and experts by
 `prefetch.trace.map_routing`, and requires the same number of tokens per step as recorded (same batch and prompt
 length: drive `generate` with `min_new_tokens` so it does not stop early).
+
+The recorder also stores, for each layer, what the *next* layer's router picks from this layer's MoE input (gate
+lookahead at record time). A replayed model's own routers are unrelated to the routing it is forced to follow, so
+during a replay the offload engine's gate-lookahead predictor is fed these recorded predictions instead (mapped like
+the routing): prefetching is then measured at real model sizes with learned routing and learned lookahead.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..adapters import describe_model
+from ..prefetch.predictors import GateLookahead
 from ..prefetch.trace import RoutingTrace, map_routing
 
 __all__ = ["record_routing", "replay_routing"]
@@ -41,13 +48,21 @@ def record_routing(model: nn.Module, meta: dict | None = None):
     chunks: list[tuple] = []
     state = {"step": -1}
     handles = []
+    nxt = {layer.layer: topo.layers[layer.layer + 1] for layer in topo.layers[:-1]}
+    lookahead = GateLookahead([layer.num_experts for layer in topo.layers], topo.max_top_k,
+                              routers={layer.layer: layer.router for layer in topo.layers if layer.router is not None})  # fmt: skip
 
     def make_hook(layer: int):
         def hook(module, args, kwargs):
-            _, idx, w = _split_args(args, kwargs)
+            hidden, idx, w = _split_args(args, kwargs)
             if layer == 0:
                 state["step"] += 1
-            chunks.append((state["step"], layer, idx.detach().cpu().numpy(), w.detach().float().cpu().numpy()))
+            look = np.full(tuple(idx.shape), -1, np.int16)
+            if layer in nxt:
+                res = lookahead.route(layer + 1, hidden.detach())
+                if res is not None and res.shape[0] == idx.shape[0]:
+                    look[:, : res.shape[1]] = res[:, : idx.shape[1]].cpu().numpy()
+            chunks.append((state["step"], layer, idx.detach().cpu().numpy(), w.detach().float().cpu().numpy(), look))
 
         return hook
 
@@ -73,6 +88,14 @@ def replay_routing(model: nn.Module, trace: RoutingTrace):
     topo = describe_model(model)
     state = {"step": -1}
     handles = []
+    predictor = _active_lookahead(model)
+    saved_routers = dict(predictor.routers) if predictor is not None else None
+    if predictor is not None and trace.lookahead is not None:
+        predictor.routers = {
+            layer.layer: _ReplayedRouter(trace, state, layer.layer, layer.num_experts, layer.top_k)
+            for layer in topo.layers
+            if layer.layer > 0
+        }
 
     def make_hook(layer: int, num_experts: int, top_k: int):
         def hook(module, args, kwargs):
@@ -103,3 +126,31 @@ def replay_routing(model: nn.Module, trace: RoutingTrace):
     finally:
         for h in handles:
             h.remove()
+        if predictor is not None:
+            predictor.routers = saved_routers
+
+
+def _active_lookahead(model: nn.Module):
+    engine = getattr(model, "offload_engine", None)
+    prefetcher = getattr(engine, "prefetcher", None)
+    for p in getattr(prefetcher, "predictors", []):
+        if isinstance(p, GateLookahead):
+            return p
+    return None
+
+
+class _ReplayedRouter:
+    """Stands in for layer `target`'s router during a replay: returns the recorded lookahead, mapped."""
+
+    def __init__(self, trace: RoutingTrace, state: dict, target: int, num_experts: int, top_k: int):
+        self.trace, self.state, self.target = trace, state, target
+        self.num_experts, self.top_k = num_experts, top_k
+
+    def __call__(self, hidden: torch.Tensor):
+        src = self.target % self.trace.num_layers - 1  # the recorded layer whose lookahead predicts `target`
+        rows = self.trace.lookahead_rows(self.state["step"], src) if src >= 0 else None
+        if rows is None:
+            raise LookupError("no recorded lookahead for this layer")  # the predictor then drops this router
+        e, _ = map_routing(rows, np.ones(rows.shape, np.float32), self.trace.num_experts, self.num_experts, self.top_k)
+        logits = torch.zeros(len(e), self.num_experts)
+        return logits, None, torch.from_numpy(e)

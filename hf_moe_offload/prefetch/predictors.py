@@ -105,17 +105,24 @@ class GateLookahead(Predictor):
             router = self.routers.get(t)
             if router is None:
                 continue
-            res = self._call(t, router, hidden)
-            if res is None:
+            idx = self.route(t, hidden)
+            if idx is None:
                 continue
-            if isinstance(res, tuple) and len(res) >= 3 and not torch.is_floating_point(res[2]):
-                idx = res[2]
-            else:
-                logits = res[0] if isinstance(res, tuple) else res
-                idx = logits.topk(min(self.top_k, logits.shape[-1]), dim=-1).indices
             counts = torch.bincount(idx.reshape(-1).clamp(max=self.num_experts[t] - 1), minlength=self.num_experts[t])
             out[t] = counts.cpu().numpy().astype(np.float64)
         return out
+
+    @torch.no_grad()
+    def route(self, target: int, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Top-k experts `(T, k)` that layer `target`'s router picks for `hidden (T, H)`, or None."""
+        router = self.routers.get(target)
+        res = self._call(target, router, hidden) if router is not None else None
+        if res is None:
+            return None
+        if isinstance(res, tuple) and len(res) >= 3 and torch.is_tensor(res[2]) and not torch.is_floating_point(res[2]):
+            return res[2]
+        logits = res[0] if isinstance(res, tuple) else res
+        return logits.topk(min(self.top_k, logits.shape[-1]), dim=-1).indices
 
     def _call(self, layer: int, router: Callable, hidden: torch.Tensor):
         """Call a router on `(T, H)` or, failing that, `(1, T, H)`; a router that takes neither (an extra argument,

@@ -1,7 +1,8 @@
 """`RoutingTrace`: which experts every token used, per decode step and MoE layer, stored compactly.
 
 One row per (call of a MoE layer, token): `step` (0 = prefill, then one per generated token), `layer`, `token`
-(position within that call), `experts (k,) int16` and `weights (k,) float16`. Saved as a compressed `.npz`. Traces
+(position within that call), `experts (k,) int16` and `weights (k,) float16`, and optionally `lookahead (k,)`: the
+experts the next layer's router picked from this layer's input, so that a replay can emulate gate lookahead. Saved as a compressed `.npz`. Traces
 are recorded from a model with learned routing (`integration.tracing.record_routing`) and feed predictor tests and
 benchmarks, or are replayed onto a model of another size (`integration.tracing.replay_routing`).
 """
@@ -26,16 +27,29 @@ class RoutingTrace:
     experts: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int16))
     weights: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float16))
     meta: dict = field(default_factory=dict)
+    # (N, k) int16: for a row of layer l, the top-k experts of layer l+1's router applied to this token's layer-l
+    # MoE input (what gate lookahead predicted at record time); -1 where there is none (last layer)
+    lookahead: np.ndarray | None = None
 
     @property
     def num_steps(self) -> int:
         return int(self.step.max()) + 1 if len(self.step) else 0
 
+    def _select(self, step: int, layer: int) -> np.ndarray:
+        sel = np.nonzero((self.step == step) & (self.layer == layer))[0]
+        return sel[np.argsort(self.token[sel], kind="stable")]
+
     def rows(self, step: int, layer: int) -> tuple[np.ndarray, np.ndarray]:
         """`(experts (T, k), weights (T, k))` of one layer call, tokens in order."""
-        sel = np.nonzero((self.step == step) & (self.layer == layer))[0]
-        sel = sel[np.argsort(self.token[sel], kind="stable")]
+        sel = self._select(step, layer)
         return self.experts[sel], self.weights[sel]
+
+    def lookahead_rows(self, step: int, layer: int) -> np.ndarray | None:
+        """The recorded lookahead of layer `layer + 1` made at `layer`, `(T, k)`, or None when not recorded."""
+        if self.lookahead is None:
+            return None
+        rows = self.lookahead[self._select(step, layer)]
+        return None if len(rows) == 0 or (rows < 0).any() else rows
 
     def expert_sets(self, layer: int) -> list[set[int]]:
         """The set of experts used by each step at `layer` (what a cache sees per step)."""
@@ -51,6 +65,7 @@ class RoutingTrace:
             step=self.step, layer=self.layer, token=self.token, experts=self.experts, weights=self.weights,
             dims=np.array([self.num_layers, self.num_experts, self.top_k], np.int64),
             meta=np.array(repr(self.meta)),
+            **({"lookahead": self.lookahead} if self.lookahead is not None else {}),
         )  # fmt: skip
 
     @classmethod
@@ -59,24 +74,29 @@ class RoutingTrace:
 
         with np.load(path, allow_pickle=False) as z:
             n_layers, n_experts, k = (int(x) for x in z["dims"])
+            look = z["lookahead"] if "lookahead" in z.files else None
             return cls(n_layers, n_experts, k, z["step"], z["layer"], z["token"], z["experts"], z["weights"],
-                       ast.literal_eval(str(z["meta"])))  # fmt: skip
+                       ast.literal_eval(str(z["meta"])), look)  # fmt: skip
 
     @classmethod
     def concat(cls, num_layers: int, num_experts: int, top_k: int, chunks: list[tuple], meta: dict) -> RoutingTrace:
-        """Build from `(step, layer, experts (T, k), weights (T, k))` chunks."""
+        """Build from `(step, layer, experts (T, k), weights (T, k)[, lookahead (T, k)])` chunks."""
         if not chunks:
             return cls(num_layers, num_experts, top_k, meta=meta)
-        steps, layers, tokens, experts, weights = [], [], [], [], []
-        for step, layer, e, w in chunks:
+        steps, layers, tokens, experts, weights, looks = [], [], [], [], [], []
+        for chunk in chunks:
+            step, layer, e, w = chunk[:4]
+            if len(chunk) > 4:
+                looks.append(np.asarray(chunk[4], np.int16))
             n = len(e)
             steps.append(np.full(n, step, np.int32))
             layers.append(np.full(n, layer, np.int16))
             tokens.append(np.arange(n, dtype=np.int32))
             experts.append(np.asarray(e, np.int16))
             weights.append(np.asarray(w, np.float16))
+        look = np.concatenate(looks) if looks and len(looks) == len(chunks) else None
         return cls(num_layers, num_experts, top_k, np.concatenate(steps), np.concatenate(layers),
-                   np.concatenate(tokens), np.concatenate(experts), np.concatenate(weights), meta)  # fmt: skip
+                   np.concatenate(tokens), np.concatenate(experts), np.concatenate(weights), meta, look)  # fmt: skip
 
 
 def map_routing(
