@@ -187,3 +187,34 @@ def test_correlation_is_persisted_next_to_the_model(deep, tmp_path):
     a = off.offload_engine.predictor("correlation").tables
     b = again.offload_engine.predictor("correlation").tables
     assert sum(t.sum() for t in b) > 0 and all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_poor_predictions_switch_speculative_loads_off(mixtral_dir, mixtral_model):
+    from hf_moe_offload.cache import ExpertCache, OffloadStats, make_policy
+    from hf_moe_offload.integration import inspect_checkpoint
+    from hf_moe_offload.prefetch import Predictor, Prefetcher
+    from hf_moe_offload.storage import ExpertStore
+
+    class AlwaysSeven(Predictor):
+        def predict(self, step, layer, hidden, targets):
+            return {t: np.eye(8)[7] for t in targets}
+
+    _, layout, _ = inspect_checkpoint(mixtral_model, mixtral_dir)
+    stats = OffloadStats()
+    cache = ExpertCache(ExpertStore(layout), device=torch.device("cpu"), host_slots=6, device_slots=0,
+                        policy_factory=lambda: make_policy("lru"), io_threads=2, stats=stats)  # fmt: skip
+    pf = Prefetcher(cache, [AlwaysSeven([8, 8], 2)], [8, 8], 2)
+    routing = torch.tensor([[0, 1]])
+    issued = []
+    for _ in range(30):
+        for layer in (0, 1):
+            pf.on_layer(layer, torch.zeros(1, 64), routing)
+            for e in (0, 1):  # what the forward would do: use the routed experts
+                lease = cache.try_acquire((layer, e))
+                lease.wait()
+                lease.release()
+        issued.append(stats.snapshot()["prefetch_issued"])
+    assert issued[0] > 0  # tried at first
+    assert pf.metrics()["prefetch_precision"] == 0.0
+    assert issued[-1] == issued[-10]  # then stopped: precision 0 < hit rate
+    cache.close()

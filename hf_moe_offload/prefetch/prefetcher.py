@@ -12,11 +12,11 @@ For large batches (throughput mode) and prefill the next layer needs many expert
 first (most tokens predicted), never into slots holding the current layer's or the predicted next layer's experts,
 so loads of layer l+1 overlap the compute of layer l.
 
-A speculative load that evicts an expert trades that expert's chance of a hit for the prediction's chance of
-being used. So prefetches may evict only while their measured precision (used / (used + wasted)) beats the cache's
-hit rate; otherwise they only fill free slots, with one evicting probe every `probe_every` layers to keep the
-estimate fresh. On a model whose predictions are poor (random routers) prefetching thus falls back to plain demand
-loading instead of polluting a small cache. The number of speculative loads per layer adapts to the measured expert load time and
+A speculative load evicts an expert (or takes disk bandwidth from demand loads) for a prediction's chance of being
+used. Every prediction is scored against the routing that follows, issued or not, so its precision is known without
+spending any I/O: speculative loads are issued only while that precision beats the cache's hit rate (once at least
+`min_evidence` predicted experts were scored). On a model whose predictions are poor (random routers) prefetching
+thus stays off instead of polluting a small cache, and it switches itself back on if predictions improve. The number of speculative loads per layer adapts to the measured expert load time and
 the measured time between MoE layers, so prefetches do not pile up behind each other and delay demand loads.
 """
 
@@ -57,8 +57,7 @@ class Prefetcher:
         self._nactual = defaultdict(int)
         self._layer_gap, self._last_time = None, None
         self._last_size = 1
-        self.probe_every = 16
-        self._calls = 0
+        self.min_evidence = 16
 
     # -- events --------------------------------------------------------------------------------------------------
     def begin_request(self) -> None:
@@ -111,8 +110,7 @@ class Prefetcher:
                 total = s.sum()
                 if total > 0:
                     scores[t] = scores.get(t, 0) + s / total
-        allowance = self._allowance()
-        evict = self._may_evict()
+        allowance = self._allowance() if self._worth_it() else 0
         for t in targets:
             s = scores.get(t)
             if s is None:
@@ -121,19 +119,16 @@ class Prefetcher:
             self._predicted[(self.step, t)] = set(chosen)
             for e in chosen:
                 if allowance <= 0:
-                    return
-                if self.cache.prefetch((t, e), priority=t - layer, evict=evict):
+                    break
+                if self.cache.prefetch((t, e), priority=t - layer):
                     allowance -= 1
 
-    def _may_evict(self) -> bool:
-        """Whether speculative loads may evict: measured prefetch precision beats the cache's hit rate."""
-        self._calls += 1
-        snap = self.cache.stats.snapshot()
-        used, wasted = snap["prefetch_used"], snap["prefetch_wasted"]
-        if used + wasted < 8 or self._calls % self.probe_every == 0:
-            return True  # not enough evidence yet, or a periodic probe
-        precision = used / (used + wasted)
-        return precision > snap["hit_rate"]
+    def _worth_it(self) -> bool:
+        """Whether speculative loads pay: the scored predictions' precision beats the cache's hit rate."""
+        npred = sum(self._npred.values())
+        if npred < self.min_evidence:
+            return True
+        return sum(self._tp.values()) / npred > self.cache.stats.snapshot()["hit_rate"]
 
     def _score(self, layer: int, actual: set[int]) -> None:
         predicted = self._predicted.pop((self.step, layer), None)
