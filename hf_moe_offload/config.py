@@ -144,6 +144,13 @@ class OffloadConfig:
         },
     )
     prefetch_depth: int = field(default=1, metadata={"help": "How many MoE layers ahead to prefetch (1-8)."})
+    mode: str = field(
+        default="manual",
+        metadata={
+            "help": "'manual' (use the budgets given) or 'auto' (measure this machine once, then let the planner "
+            "choose the budgets and prefetch depth from free memory and a roofline cost model)."
+        },
+    )
 
     def __post_init__(self) -> None:
         self.host_budget = parse_budget(self.host_budget, "host_budget")
@@ -164,6 +171,8 @@ class OffloadConfig:
             or not 1 <= self.prefetch_depth <= 8
         ):
             raise OffloadConfigError(f"prefetch_depth: expected an int in [1, 8], got {self.prefetch_depth!r}")
+        if self.mode not in ("manual", "auto"):
+            raise OffloadConfigError(f"mode: expected 'manual' or 'auto', got {self.mode!r}")
         if self.io_mode not in _IO_MODES:
             raise OffloadConfigError(f"io_mode: expected one of {', '.join(_IO_MODES)}, got {self.io_mode!r}")
 

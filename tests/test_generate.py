@@ -83,3 +83,15 @@ def test_stats_reset(pair):
     assert s["hits"] == s["misses"] == s["bytes_loaded"] == 0 and s["stall_seconds"] == 0.0
     for key in ("hits", "misses", "evictions", "bytes_loaded", "stall_seconds"):
         assert key in s
+
+
+def test_auto_mode_plans_budgets_and_keeps_outputs(mixtral_dir, mixtral_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_MOE_OFFLOAD_CACHE", str(tmp_path))  # the measured profile is cached here
+    off = AutoModelForCausalLM.from_pretrained(mixtral_dir, offload_config={"mode": "auto"})
+    eng = off.offload_engine
+    assert eng.config.host_budget.nbytes is not None  # the planner replaced the share by bytes
+    assert eng.topology.max_top_k <= eng.host_slots <= sum(layer.num_experts for layer in eng.topology.layers)
+    assert any(tmp_path.iterdir())
+    ids = torch.arange(3, 13).view(1, -1)
+    kw = dict(max_new_tokens=6, do_sample=False)
+    assert torch.equal(off.generate(ids, **kw), mixtral_model.generate(ids, **kw))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import inspect_cmd, plan_cmd, run
+from . import bench_cmd, inspect_cmd, plan_cmd, run, trace_cmd
 
 __all__ = ["main", "build_parser"]
 
@@ -13,7 +13,7 @@ __all__ = ["main", "build_parser"]
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-moe-offload", description="Run MoE models whose experts exceed memory.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (run, inspect_cmd, plan_cmd):
+    for module in (run, inspect_cmd, plan_cmd, bench_cmd, trace_cmd):
         module.add_parser(sub)
     return parser
 

@@ -40,6 +40,8 @@ def add_parser(sub) -> None:
     p.add_argument("--context", type=int, default=512, help="tokens per sequence (prompt + generated) for the KV")
     p.add_argument("--batches", default="1,2,4,8,16,32,64,128,256", help="comma-separated batch sizes to cost")
     p.add_argument("--dtype", default="auto", help="compute dtype: auto (the checkpoint's), bfloat16, float16...")
+    p.add_argument("--statistic", choices=("min", "median"), default="min",
+                   help="timings kept: min (what the hardware can do) or median (what it does under current load)")  # fmt: skip
     p.add_argument("--disk-bandwidth", help="cold read bandwidth to assume (e.g. 440MB) instead of measuring it")
     p.add_argument("--read-from", choices=("disk", "page_cache"), default="disk",
                    help="experts come from the disk (default) or from a page cache that holds the checkpoint")  # fmt: skip
@@ -108,7 +110,7 @@ def main(args: argparse.Namespace) -> int:
     else:
         disk = float(_bytes(args.disk_bandwidth, "--disk-bandwidth")) if args.disk_bandwidth else None
         profile = measure_profile(info["params"], dtype, sample_file=_largest_file(info["path"]), device=args.device,
-                                  disk_read_Bps=disk)  # fmt: skip
+                                  disk_read_Bps=disk, statistic=args.statistic)  # fmt: skip
     if args.save_profile:
         profile.save(args.save_profile)
 

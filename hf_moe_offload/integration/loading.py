@@ -23,6 +23,7 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from ..adapters import find_adapter
 from ..config import OffloadConfig
+from ..storage import checkpoint_files
 from ..errors import OffloadConfigError
 from .engine import OffloadEngine, inspect_checkpoint, plan_slots, resolve_device
 from .experts_forward import IMPLEMENTATION_NAME
@@ -117,6 +118,11 @@ def load_offloaded(cls, original, path, model_args: tuple, kwargs: dict, offload
     folder = resolve_folder(path, kwargs)
 
     topology, layout, expert_keys = inspect_checkpoint(_meta_model(cls, folder, kwargs), folder)
+    if cfg.mode == "auto":  # measured hardware profile + planner -> concrete budgets and prefetch depth
+        from ..scheduling.auto import auto_config
+
+        sample = max(checkpoint_files(folder), key=os.path.getsize)
+        cfg = auto_config(cfg, topology.summary(), sample_file=sample, device=device)
     plan_slots(cfg, topology, layout.slot_nbytes, device)
 
     handle = torch.nn.modules.module.register_module_module_registration_hook(_registration_hook)

@@ -10,9 +10,9 @@ pinned host buffer --> device (CUDA only) --> h2d_Bps
 An expert's compute time is modelled as `t(n) = a + b * n`: `a` is the cost of streaming its weights from memory
 once (what a decode step with few tokens pays), `b` the arithmetic per token. The fit is a least-squares line
 through timed runs of the canonical gated MLP (`gate_up` matmul, SiLU-and-multiply, `down` matmul) whose FLOPs
-and bytes equal the model's expert. Every timing is the minimum of several repeats, cycling over enough copies of
-the weights that they do not stay in the CPU caches: on a shared machine the minimum estimates what the hardware
-can do, a median what the neighbours left over (see docs/planner.md).
+and bytes equal the model's expert. Every timing is the minimum (or the median) of several repeats, cycling over
+enough copies of the weights that they do not stay in the CPU caches: on a shared machine the minimum estimates
+what the hardware can do, the median what the neighbours leave over (see docs/planner.md).
 
 Cold reads use `posix_fadvise(DONTNEED)` first; a file that a live `mmap` maps stays cached whatever we advise,
 so measure on a file no other process maps, or pass the bandwidth yourself. This module never initialises CUDA
@@ -229,23 +229,23 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _min_time(fn, device: torch.device, repeats: int, budget_s: float = 1.0) -> float:
-    """Best of `repeats` timed runs after one warm-up; stops early (after two) once `budget_s` is spent."""
+def _time(fn, device: torch.device, repeats: int, statistic: str, budget_s: float = 1.0) -> float:
+    """Min or median of `repeats` timed runs after one warm-up; stops early (after two) once `budget_s` is spent."""
     fn()
     _sync(device)
-    best, spent = math.inf, 0.0
-    for i in range(repeats):
+    times: list[float] = []
+    for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         _sync(device)
-        elapsed = time.perf_counter() - t0
-        best, spent = min(best, elapsed), spent + elapsed
-        if i >= 1 and spent > budget_s:
+        times.append(time.perf_counter() - t0)
+        if len(times) >= 2 and sum(times) > budget_s:
             break
-    return best
+    return min(times) if statistic == "min" else float(np.median(times))
 
 
-def _expert_fit(hidden: int, inter: int, dtype: torch.dtype, device: torch.device, counts, repeats: int) -> LinearFit:
+def _expert_fit(hidden: int, inter: int, dtype: torch.dtype, device: torch.device, counts, repeats: int,
+                statistic: str) -> LinearFit:  # fmt: skip
     nbytes = 3 * hidden * inter * torch.empty((), dtype=dtype).element_size()
     copies = 1 if device.type == "cuda" else max(2, min(8, math.ceil(64 * _MiB / nbytes)))
     weights = [
@@ -262,22 +262,22 @@ def _expert_fit(hidden: int, inter: int, dtype: torch.dtype, device: torch.devic
             F.linear(F.silu(gate) * up, down)
 
         with torch.inference_mode():
-            points.append((n, _min_time(run, device, repeats)))
+            points.append((n, _time(run, device, repeats, statistic)))
         if len(points) >= 3 and points[-1][1] > 0.5:  # a huge expert: enough points for a line
             break
     return LinearFit.fit(points)
 
 
-def _mem_bandwidth(device: torch.device, nbytes: int, repeats: int) -> float:
+def _mem_bandwidth(device: torch.device, nbytes: int, repeats: int, statistic: str) -> float:
     src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
     dst = torch.empty_like(src)
-    return nbytes / _min_time(lambda: dst.copy_(src), device, repeats)
+    return nbytes / _time(lambda: dst.copy_(src), device, repeats, statistic)
 
 
-def _h2d_bandwidth(device: torch.device, nbytes: int, repeats: int) -> float:
+def _h2d_bandwidth(device: torch.device, nbytes: int, repeats: int, statistic: str) -> float:
     src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).fill_(1)
     dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    return nbytes / _min_time(lambda: dst.copy_(src, non_blocking=True), device, repeats)
+    return nbytes / _time(lambda: dst.copy_(src, non_blocking=True), device, repeats, statistic)
 
 
 def measure_profile(
@@ -290,6 +290,7 @@ def measure_profile(
     page_cache_read_Bps: float | None = None,
     token_counts: tuple[int, ...] = _TOKEN_COUNTS,
     repeats: int = 5,
+    statistic: str = "min",
     scratch_dir: str | None = None,
     scratch_bytes: int = 64 * _MiB,
 ) -> HardwareProfile:
@@ -305,7 +306,9 @@ def measure_profile(
         disk_read_Bps: a known cold read bandwidth; skips the disk measurement.
         page_cache_read_Bps: a known warm read bandwidth.
         token_counts: token counts the expert is timed at.
-        repeats: timed runs per point (the minimum is kept).
+        repeats: timed runs per point.
+        statistic: `"min"` (what the hardware can do: the planner's bound) or `"median"` (what it does now, with
+            the neighbours' load: a closer prediction on a busy shared machine).
         scratch_dir: with neither `sample_file` nor `disk_read_Bps`, a scratch file of `scratch_bytes` is written
             here (default: the temp directory, which may be RAM-backed: prefer a `sample_file`).
 
@@ -319,11 +322,14 @@ def measure_profile(
         >>> profile.save("profile.json")
         ```
     """
+    if statistic not in ("min", "median"):
+        raise ValueError(f"statistic: expected 'min' or 'median', got {statistic!r}")
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     hidden, inter = canonical_dims(expert_shapes)
     expert_nbytes = 3 * hidden * inter * torch.empty((), dtype=dtype).element_size()
-    meta: dict[str, Any] = {"threads": torch.get_num_threads(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                            "machine": platform.machine(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
+    meta: dict[str, Any] = {"statistic": statistic, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+                            "torch": torch.__version__, "machine": platform.machine(),
+                            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
     if disk_read_Bps is None:
         if sample_file is not None:
             disk_read_Bps, warm = measure_read_bandwidth(sample_file, block=min(max(expert_nbytes, _MiB), 64 * _MiB))
@@ -339,15 +345,15 @@ def measure_profile(
     profile = HardwareProfile(
         expert_nbytes=expert_nbytes, hidden_size=hidden, intermediate_size=inter, dtype=str(dtype).replace("torch.", ""),
         disk_read_Bps=float(disk_read_Bps), page_cache_read_Bps=page_cache_read_Bps,
-        cpu_mem_Bps=_mem_bandwidth(cpu, mem_bytes, repeats),
-        cpu_fit=_expert_fit(hidden, inter, dtype, cpu, token_counts, repeats), meta=meta,
+        cpu_mem_Bps=_mem_bandwidth(cpu, mem_bytes, repeats, statistic),
+        cpu_fit=_expert_fit(hidden, inter, dtype, cpu, token_counts, repeats, statistic), meta=meta,
     )  # fmt: skip
     dev = torch.device(device)
     if dev.type == "cuda":
         index = dev.index if dev.index is not None else torch.cuda.current_device()
         dev = torch.device("cuda", index)
         profile.device = f"{dev} {torch.cuda.get_device_name(dev)}"
-        profile.h2d_Bps = _h2d_bandwidth(dev, max(expert_nbytes, 16 * _MiB), repeats)
-        profile.device_mem_Bps = _mem_bandwidth(dev, max(256 * _MiB, 4 * expert_nbytes), repeats)
-        profile.device_fit = _expert_fit(hidden, inter, dtype, dev, token_counts, repeats)
+        profile.h2d_Bps = _h2d_bandwidth(dev, max(expert_nbytes, 16 * _MiB), repeats, statistic)
+        profile.device_mem_Bps = _mem_bandwidth(dev, max(256 * _MiB, 4 * expert_nbytes), repeats, statistic)
+        profile.device_fit = _expert_fit(hidden, inter, dtype, dev, token_counts, repeats, statistic)
     return profile
