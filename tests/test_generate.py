@@ -95,3 +95,19 @@ def test_auto_mode_plans_budgets_and_keeps_outputs(mixtral_dir, mixtral_model, t
     ids = torch.arange(3, 13).view(1, -1)
     kw = dict(max_new_tokens=6, do_sample=False)
     assert torch.equal(off.generate(ids, **kw), mixtral_model.generate(ids, **kw))
+
+
+def test_generate_many_groups_by_routing_and_matches_each_prompt_alone(pair):
+    from hf_moe_offload.integration.batching import generate_many
+
+    ref, off, tok = pair
+    prompts = ["aaaa bbbb", "zzzz yyyy xx", "aaaa abab", "zzzz zzzz", "hello", "zyzy zz", "abba", "q"]
+    outs, sched = generate_many(off, tok, prompts, batch_size=3, max_new_tokens=6, do_sample=False)
+    assert sorted(sched.permutation) == list(range(len(prompts)))
+    assert sum(sched.distinct_after) <= sum(sched.distinct_before)
+    for p, got in zip(prompts, outs):  # the same greedy tokens as running the prompt alone
+        enc = tok(p, return_tensors="pt")
+        alone = ref.generate(**enc, max_new_tokens=6, do_sample=False)[0, enc.input_ids.shape[1] :]
+        assert torch.equal(got[got != tok.pad_token_id][: len(alone)], alone), p
+    outs2, none = generate_many(off, tok, prompts, batch_size=3, schedule="none", max_new_tokens=6, do_sample=False)
+    assert none is None and all(torch.equal(a, b) for a, b in zip(outs, outs2))
