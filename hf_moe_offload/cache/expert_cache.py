@@ -13,7 +13,9 @@ and the compute stream waits on its event, so the compute thread never blocks on
 
 Prefetching (`prefetch`) reserves a slot and queues a *speculative* load behind every demand load
 (`PriorityLoader`); it never evicts a pinned, loading or *protected* expert (those predicted for the current or
-next layer). A demand request for a queued speculative load promotes it; a wrong one is cancelled before it
+next layer), nor one used during the last decode step (`recent_window` layer calls): when the cache is no bigger
+than a step's working set, wrong predictions would otherwise evict experts the next step reuses, and the cache
+would thrash. A demand request for a queued speculative load promotes it; a wrong one is cancelled before it
 starts (`cancel_speculative`). Counters tell prefetches used from prefetches wasted.
 """
 
@@ -70,7 +72,7 @@ class SlotPool:
 
 
 class _Entry:
-    __slots__ = ("key", "slot", "pins", "future", "event", "speculative", "used", "job_state", "priority")
+    __slots__ = ("key", "slot", "pins", "future", "event", "speculative", "used", "job_state", "priority", "last_used")
 
     def __init__(self, key: Key, slot: int, speculative: bool = False):
         self.key, self.slot, self.pins = key, slot, 0
@@ -78,6 +80,7 @@ class _Entry:
         self.event = None
         self.speculative, self.used = speculative, False
         self.job_state, self.priority = None, 0
+        self.last_used = 0
 
 
 class _Tier:
@@ -176,6 +179,8 @@ class ExpertCache:
         else:
             self.compute = self.host
         self.timeline = Timeline()
+        self.tick = 0  # MoE layer calls so far (advanced by the forward); ages experts for speculative eviction
+        self.recent_window = 0  # speculative loads never evict experts used within this many layer calls
         self._loader = PriorityLoader(io_threads, self._load)
         self._protected: frozenset = frozenset()
         self._closed = False
@@ -226,15 +231,24 @@ class ExpertCache:
         return Lease(self, e, hit=False)
 
     def prefetch(self, key: Key, priority: int = 1, evict: bool = True) -> bool:
-        """Start a speculative load of `key` unless it is resident or no unprotected slot is free (`evict=False`:
-        unless no slot is free at all); True if queued."""
+        """Start a speculative load of `key` into a free slot, or in place of an expert that is not protected, not
+        in use and not used within the last `recent_window` layer calls (with `evict`); True if queued."""
         with self._lock:
             if self._closed or key in self.compute.entries:
                 return False
-            if not evict and self.compute.pool.num_free == 0:
-                return False
-            if not self.compute.can_reserve(self._protected, demand=False):
-                return False
+            if self.compute.pool.num_free == 0:
+                if not evict:
+                    return False
+                victims = [
+                    k
+                    for k in self.compute.evictable(self._protected)
+                    if self.tick - self.compute.entries[k].last_used > self.recent_window
+                ]
+                if not victims:  # every candidate served the last decode step: it will likely be needed again
+                    return False
+                victim = self.compute.entries[self.compute.policy.choose_victim(victims)]
+                self.stats.add("evictions")
+                self._discard(self.compute, victim)
             e = self._reserve(self.compute, key, speculative=True)
             self.stats.add("prefetch_issued")
             self._loader.submit(e, max(1, priority))
@@ -276,6 +290,7 @@ class ExpertCache:
     # -- internals (call with the lock held unless noted) ----------------------------------------------------------
     def _pin(self, tier: _Tier, e: _Entry, hit: bool) -> None:
         e.pins += 1
+        e.last_used = self.tick
         tier.policy.on_access(e.key)
         if tier is self.compute:
             (self.stats.hit if hit else self.stats.miss)(e.key[0])

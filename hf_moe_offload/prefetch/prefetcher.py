@@ -58,6 +58,7 @@ class Prefetcher:
         self._layer_gap, self._last_time = None, None
         self._last_size = 1
         self.min_evidence = 16
+        cache.recent_window = self.num_layers  # a full decode step
 
     # -- events --------------------------------------------------------------------------------------------------
     def begin_request(self) -> None:
@@ -67,6 +68,7 @@ class Prefetcher:
 
     def on_layer(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor) -> None:
         now = time.perf_counter()
+        self.cache.tick += 1
         if layer <= self._last_layer:  # a new forward pass without a step-boundary call (plain forward)
             self.step += 1
         if self._last_time is not None and layer == self._last_layer + 1:
