@@ -10,11 +10,9 @@ from abc import ABC, abstractmethod
 from collections import Counter, OrderedDict
 from collections.abc import Hashable, Iterable
 
-from ..errors import UnknownNameError
+from ..registry import Registry
 
 __all__ = ["EvictionPolicy", "register_policy", "make_policy", "list_policies", "LRUPolicy", "LFUPolicy"]
-
-_POLICIES: dict[str, type[EvictionPolicy]] = {}
 
 
 class EvictionPolicy(ABC):
@@ -36,35 +34,14 @@ class EvictionPolicy(ABC):
     def choose_victim(self, candidates: Iterable[Hashable]) -> Hashable: ...
 
 
-def register_policy(name: str):
-    """Class decorator registering an `EvictionPolicy` under `name`; duplicate names are rejected."""
-
-    def deco(cls: type[EvictionPolicy]) -> type[EvictionPolicy]:
-        if name in _POLICIES:
-            raise ValueError(f"policy {name!r} is already registered ({_POLICIES[name].__name__})")
-        cls.name = name
-        _POLICIES[name] = cls
-        return cls
-
-    return deco
-
-
-def list_policies() -> list[str]:
-    return sorted(_POLICIES)
+_POLICIES = Registry("eviction policy", "policies")
+register_policy = _POLICIES.register
+list_policies = _POLICIES.names
 
 
 def make_policy(name: str) -> EvictionPolicy:
-    """Instantiate the policy registered as `name`.
-
-    Raises:
-        UnknownNameError: with the list of registered policies.
-    """
-    try:
-        return _POLICIES[name]()
-    except KeyError:
-        raise UnknownNameError(
-            f"unknown eviction policy {name!r}; valid policies: {', '.join(list_policies())}"
-        ) from None
+    """Instantiate the policy registered as `name` (`UnknownNameError` lists the valid ones)."""
+    return _POLICIES.get(name)()
 
 
 @register_policy("lru")

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from ..errors import UnknownNameError
+from ..registry import Registry
 from .trace import RoutingTrace
 
 __all__ = [
@@ -32,8 +32,6 @@ __all__ = [
     "CorrelationPredictor",
     "HistoryPredictor",
 ]
-
-_PREDICTORS: dict[str, type[Predictor]] = {}
 
 
 class Predictor(ABC):
@@ -56,36 +54,14 @@ class Predictor(ABC):
         """Scores for the experts of each target layer, knowing layer `layer`'s MoE input `hidden (T, H)`."""
 
 
-def register_predictor(name: str):
-    """Class decorator registering a `Predictor` under `name` (duplicates rejected)."""
-
-    def deco(cls: type[Predictor]) -> type[Predictor]:
-        if name in _PREDICTORS:
-            raise ValueError(f"predictor {name!r} is already registered ({_PREDICTORS[name].__name__})")
-        cls.name = name
-        _PREDICTORS[name] = cls
-        return cls
-
-    return deco
-
-
-def list_predictors() -> list[str]:
-    return sorted(_PREDICTORS)
+_PREDICTORS = Registry("predictor", "predictors", " (or 'none')")
+register_predictor = _PREDICTORS.register
+list_predictors = _PREDICTORS.names
 
 
 def make_predictor(name: str, num_experts: Sequence[int], top_k: int, **kwargs) -> Predictor:
-    """Instantiate a registered predictor.
-
-    Raises:
-        UnknownNameError: with the list of registered predictors.
-    """
-    try:
-        cls = _PREDICTORS[name]
-    except KeyError:
-        raise UnknownNameError(
-            f"unknown predictor {name!r}; valid predictors: {', '.join(list_predictors())} (or 'none')"
-        ) from None
-    return cls(num_experts, top_k, **kwargs)
+    """Instantiate a registered predictor (`UnknownNameError` lists the valid ones)."""
+    return _PREDICTORS.get(name)(num_experts, top_k, **kwargs)
 
 
 @register_predictor("gate_lookahead")
