@@ -1,6 +1,6 @@
 """Generate with an offloaded MoE model and print what the cache did.
 
-    python examples/generate_offloaded.py models/moe-tiny "The state of the Union"
+python examples/generate_offloaded.py models/moe-tiny "The state of the Union"
 """
 
 import sys

@@ -256,6 +256,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-layers", type=int, default=6)
     p.add_argument("--num-experts", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--bf16-autocast",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="run forward/backward under CPU bf16 autocast (fp32 master weights and optimizer state)",
+    )
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument(
@@ -351,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch = sample_batch(streams, per_domain, args.seq_len, data_rng)
-        out = model(input_ids=batch, labels=batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16_autocast):
+            out = model(input_ids=batch, labels=batch)
         out.loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item()
         optimizer.step()

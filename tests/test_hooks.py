@@ -13,7 +13,19 @@ import hf_moe_offload
 PKG = pathlib.Path(hf_moe_offload.__file__).parent
 # Lower layers never import transformers: only these may.
 MAY_IMPORT_TRANSFORMERS = {"adapters", "integration", "cli", "bench"}
-ORDER = ["errors", "registry", "config", "adapters", "storage", "cache", "prefetch", "scheduling", "integration", "bench", "cli"]
+ORDER = [
+    "errors",
+    "registry",
+    "config",
+    "adapters",
+    "storage",
+    "cache",
+    "prefetch",
+    "scheduling",
+    "integration",
+    "bench",
+    "cli",
+]
 
 
 def test_uninstall_restores_the_original_method_and_install_is_idempotent():

@@ -250,6 +250,9 @@ def _deltas(name: str, values: list) -> dict[str, list]:
 def spawn_worker(spec: dict, *, cgroup_limit: int | None = None, timeout: float | None = None) -> dict:
     """Run `run_worker(spec)` in a fresh Python process (inside a memory cgroup when `cgroup_limit` is set).
 
+    A spec with an `entry` ("module:function") runs that function on the spec instead (the `bench` command's
+    scenario worker); it must return a JSON-able dict.
+
     Returns the worker's result, or `{"error": ...}` with the tail of its stderr when it failed or was skipped.
     """
     root = str(Path(__file__).resolve().parents[2])
@@ -280,6 +283,12 @@ def spawn_worker(spec: dict, *, cgroup_limit: int | None = None, timeout: float 
 
 def _worker_main(raw: str) -> None:
     spec = json.loads(raw)
+    if spec.get("entry"):  # another benchmark's worker ("module:function"), reusing this process machinery
+        import importlib
+
+        module, _, function = spec["entry"].partition(":")
+        print(RESULT_TAG + json.dumps(getattr(importlib.import_module(module), function)(spec)), flush=True)
+        return
     try:
         result = run_worker(spec)
     except ImportError as err:

@@ -23,8 +23,8 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from ..adapters import find_adapter
 from ..config import OffloadConfig
-from ..storage import checkpoint_files
 from ..errors import OffloadConfigError
+from ..storage import checkpoint_files
 from .engine import OffloadEngine, inspect_checkpoint, plan_slots, resolve_device
 from .experts_forward import IMPLEMENTATION_NAME
 from .generation import wrap_generate

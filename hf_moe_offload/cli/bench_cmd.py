@@ -1,0 +1,225 @@
+"""`hf-moe-offload bench`: latency and throughput of an offloaded MoE model against the in-memory model,
+accelerate's disk offload at the same memory budget, and this library with features switched off one by one.
+
+```
+MODEL | --synth PRESET (real per-layer shapes, depth scaled to --max-disk, cached)   [--replay TRACE.npz]
+  --> limits: disk (cold), page cache, host->device bandwidths
+  --> configs: memory, accelerate@B, offload@B, offload@B-<ablation>  for each budget B of --budgets
+  --> points:  latency (batch 1: TTFT, p50/p90 decode step), throughput@N (tokens/s at batch N)
+  --> reps x configs, interleaved, each a fresh worker process (bench.scenario_bench / scenario_worker)
+  --> medians, x accelerate, x memory, lower bound per step (bench.scenario_report) --> tables, one JSON line
+```
+Page cache: `--cache cold` (default) evicts the checkpoint (and accelerate's offload folder) before every point and
+every decode step, outside the timed region; `--cache warm` never evicts; `--ramlimit` runs each worker in a memory
+cgroup of its budget + `--overhead` (the honest small-machine case, DESIGN.md section 8). The final JSON line's keys
+are documented in docs/benchmarks.md. Exit status 0 when every run produced results, 1 when some failed, 2 on a
+typed library error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+
+from ..config import OffloadConfig, format_bytes, parse_budget
+from ..errors import OffloadConfigError
+from .args import add_offload_args
+
+__all__ = ["add_parser", "main"]
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="latency/throughput vs memory and accelerate, with ablations",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("model", nargs="?", help="model folder (or give --synth)")
+    g = p.add_argument_group("model")
+    g.add_argument("--synth", help="random model with real per-layer shapes: mixtral-8x7b, qwen3-30b-a3b, olmoe-1b-7b")
+    g.add_argument("--max-disk", default="4GiB", help="largest synthesized checkpoint; sets its depth (default 4GiB)")
+    g.add_argument("--synth-layers", type=int, help="force this many decoder layers for --synth")
+    g.add_argument("--synth-dir", help="cache folder for synthesized models (default ~/.cache/hf_moe_offload/synth)")
+    g.add_argument("--replay", help="routing trace (.npz from `trace --record-routing`) that every model follows")
+    g = p.add_argument_group("what to measure")
+    g.add_argument("--scenario", default="latency,throughput", help="comma-separated: latency, throughput")
+    g.add_argument("--batches", default="1,8,32", help="batch sizes of the throughput scenario (default 1,8,32)")
+    g.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per sequence (default 32)")
+    g.add_argument("--new-tokens", type=int, default=16, help="tokens generated per sequence (default 16)")
+    g.add_argument("--budgets", default="25,50", help="expert budgets: percents of expert bytes or amounts (2GiB)")
+    g.add_argument("--baselines", default="memory,accelerate", help="memory, accelerate (comma-separated) or none")
+    g.add_argument("--ablate", default="", help="features to switch off one at a time: prefetch, io_mode, "
+                   "io_threads, or FIELD=VALUE of OffloadConfig (e.g. policy=lfu)")  # fmt: skip
+    g = p.add_argument_group("how")
+    g.add_argument("--cache", choices=("cold", "warm"), default="cold", help="page cache evicted every step, or not")
+    g.add_argument("--ramlimit", action="store_true", help="run each worker in a memory cgroup of budget + overhead")
+    g.add_argument("--overhead", default="768MiB", help="memory above the budget with --ramlimit (default 768MiB)")
+    g.add_argument("--safety-limit", default="80%", help="without --ramlimit, a memory cgroup per worker so a runaway "
+                   "baseline dies alone: an amount, a share of available RAM (default 80%%), or none")  # fmt: skip
+    g.add_argument("--reps", type=int, default=3, help="interleaved repetitions per configuration (default 3)")
+    g.add_argument("--threads", type=int, default=1, help="torch threads per worker; 0 = torch's default (default 1)")
+    g.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float16 or float32")
+    g.add_argument("--sample", action="store_true", help="seeded sampling instead of greedy decoding")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--timeout", type=float, default=1800, help="seconds per worker run (default 1800)")
+    g.add_argument("--bandwidth-bytes", default="512MiB", help="bytes read per bandwidth sample (default 512MiB)")
+    g.add_argument("--in-process", action="store_true", help="run in this process (tests, debugging; no cgroup)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--json-out", help="also write the JSON record to this file")
+    add_offload_args(p)
+    p.set_defaults(func=main)
+
+
+def _offload_overrides(args: argparse.Namespace, device: str) -> dict:
+    values = {f.name: getattr(args, f"offload_{f.name}") for f in dataclasses.fields(OffloadConfig)}
+    values = {k: v for k, v in values.items() if v is not None}
+    values.pop("device", None)
+    tier = "device_budget" if device.startswith("cuda") else "host_budget"
+    if tier in values:
+        raise OffloadConfigError(f"bench: the {tier} of each configuration comes from --budgets; drop --{tier.replace('_', '-')}")  # fmt: skip
+    return values
+
+
+def _resolve_model(args: argparse.Namespace) -> tuple[str, dict | None]:
+    if bool(args.model) == bool(args.synth):
+        raise SystemExit("bench: give a model folder or --synth PRESET (not both)")
+    if args.model:
+        from ..integration.loading import resolve_folder
+
+        return os.path.abspath(resolve_folder(args.model, {})), None
+    from ..bench.presets import synthesize_preset
+
+    max_disk = parse_budget(args.max_disk, "--max-disk").nbytes
+    if max_disk is None:
+        raise OffloadConfigError(f"--max-disk: expected an amount such as 4GiB, got {args.max_disk!r}")
+    folder, info = synthesize_preset(args.synth, max_disk=max_disk, num_layers=args.synth_layers,
+                                     root=args.synth_dir, progress=not args.no_progress)  # fmt: skip
+    return str(folder), info
+
+
+def _replay_points(points: list[dict], path: str) -> tuple[list[dict], list[str]]:
+    """Fit the points to a recorded trace: its prompt length, at most its steps, only its batch size."""
+    from ..prefetch.trace import RoutingTrace
+
+    trace = RoutingTrace.load(path)
+    batch = int(trace.meta.get("batch", 1))
+    prompt_len = int(trace.meta.get("prompt_len") or len(trace.rows(0, 0)[0]) // batch)
+    kept, notes = [], []
+    for point in points:
+        if point["batch"] != batch:
+            notes.append(f"{point['key']}: skipped, the trace was recorded at batch {batch}")
+            continue
+        kept.append(dict(point, prompt_len=prompt_len, new_tokens=min(point["new_tokens"], trace.num_steps)))
+    if not kept:
+        raise OffloadConfigError(f"--replay: no scenario point runs at the trace's batch size {batch}")
+    return kept, notes
+
+
+def _safety_bytes(value: str) -> int | None:
+    import psutil
+
+    if value.strip().lower() == "none":
+        return None
+    budget = parse_budget(value, "--safety-limit")
+    return budget.nbytes if budget.nbytes is not None else int(budget.fraction * psutil.virtual_memory().available)
+
+
+def _memory_fits(sizes: dict, overhead: int) -> bool:
+    import psutil
+
+    return sizes["total"] + overhead < 0.9 * psutil.virtual_memory().available
+
+
+def main(args: argparse.Namespace) -> int:
+    import torch
+    import transformers
+
+    from ..bench.decode_bench import checkpoint_bytes
+    from ..bench.limits import measure_limits
+    from ..bench.scenario_bench import make_configs, make_points, run_scenarios
+    from ..bench.scenario_report import format_tables, summarise, summarise_configs
+    from ..bench.sysmem import measure_disk_bandwidth
+
+    start = time.time()
+    device = args.offload_device or "auto"
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    overrides = _offload_overrides(args, device)
+    overhead = parse_budget(args.overhead, "--overhead").nbytes or 0
+    model_dir, synth = _resolve_model(args)
+    sizes = checkpoint_bytes(model_dir)
+    baselines = [b for b in _csv(args.baselines) if b != "none"]
+    if "memory" in baselines and not _memory_fits(sizes, overhead):
+        print(f"bench: the memory baseline is skipped: {format_bytes(sizes['total'])} does not fit in free RAM")
+        baselines.remove("memory")
+    configs = make_configs(_csv(args.budgets), baselines=baselines, ablations=_csv(args.ablate), offload=overrides,
+                           device=device)  # fmt: skip
+    points = make_points(_csv(args.scenario), [int(b) for b in _csv(args.batches)], args.prompt_len, args.new_tokens)
+    if args.replay:
+        points, notes = _replay_points(points, args.replay)
+        for note in notes:
+            print(f"bench: {note}")
+    mode = "ramlimit" if args.ramlimit else args.cache
+    safety = _safety_bytes(args.safety_limit) if mode != "ramlimit" and not args.in_process else None
+
+    print(
+        f"model {model_dir}: {format_bytes(sizes['total'])}, experts {format_bytes(sizes['expert'])}"
+        + (f" (synthetic {synth['preset']}, {synth['layers']} of {synth['real_layers']} layers)" if synth else "")
+    )
+    sample_bytes = parse_budget(args.bandwidth_bytes, "--bandwidth-bytes").nbytes
+    limits = measure_limits(model_dir, max_bytes=sample_bytes, device=device)
+    print(f"limits: {limits.describe()}")
+    runs = run_scenarios(model_dir, configs, points, sizes, reps=args.reps, mode=mode, overhead_bytes=overhead,
+                         threads=args.threads or None, dtype=args.dtype, device=device, sample=args.sample,
+                         seed=args.seed, replay=args.replay, timeout=args.timeout, in_process=args.in_process,
+                         safety_bytes=safety, progress=not args.no_progress)  # fmt: skip
+    # The shared disk drifts: one more sample after the runs, and the fastest one is the denominator.
+    limits.disk_samples_Bps.append(measure_disk_bandwidth(model_dir, cold=True, max_bytes=sample_bytes))
+    limits.disk_Bps = max(limits.disk_samples_Bps)
+    results = summarise(runs, configs, points, limits, mode)
+    config_info = summarise_configs(runs, configs, sizes)
+    print()
+    print(format_tables(results, points, config_info, limits=limits, mode=mode))
+    import hf_moe_offload
+
+    record = {
+        "bench": "hf_moe_offload",
+        "model": model_dir,
+        "synth": synth,
+        "sizes": sizes,
+        "mode": mode,
+        "reps": args.reps,
+        "threads": args.threads or None,
+        "dtype": args.dtype,
+        "device": device,
+        "decoding": "sample" if args.sample else "greedy",
+        "seed": args.seed,
+        "replay": args.replay,
+        "overhead_bytes": overhead if mode == "ramlimit" else None,
+        "safety_limit_bytes": safety,
+        "points": points,
+        "limits": limits.to_dict(),
+        "configs": config_info,
+        "results": results,
+        "wall_s": time.time() - start,
+        "versions": {
+            "hf_moe_offload": hf_moe_offload.__version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },  # fmt: skip
+    }
+    line = json.dumps(record)
+    if args.json_out:
+        with open(args.json_out, "w", encoding="utf-8") as f:
+            f.write(line + "\n")
+    print(line)
+    sys.stdout.flush()
+    failed = any(s["runs_ok"] < s["runs"] for table in results.values() for s in table.values())
+    return 1 if failed else 0
