@@ -167,6 +167,30 @@ def test_trace_writes_a_perfetto_json_a_png_and_a_routing_trace(mixtral_dir, tmp
     assert recorded.num_steps == 4 and recorded.meta["prompt_len"] == 6 and recorded.meta["batch"] == 1
 
 
+def test_trace_at_a_batch_replays_at_every_smaller_batch(tiny_with_tokenizer, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def f(x):\\n    return x\nthe state of the union\n")
+    routing = tmp_path / "r3.npz"
+    code = cli(["trace", tiny_with_tokenizer, "--prompt-file", str(prompts), "--batch", "3", "--max-new-tokens", "3",
+                "--out", str(tmp_path / "t"), "--record-routing", str(routing), "--png-steps", "2"])  # fmt: skip
+    assert code == 0
+    from hf_moe_offload.prefetch.trace import RoutingTrace
+
+    recorded = RoutingTrace.load(str(routing))
+    length = recorded.meta["prompt_len"]
+    assert recorded.meta["batch"] == 3 and length == len("def f(x):\n    return x")  # one token per character
+    assert len(recorded.rows(0, 0)[0]) == 3 * length and len(recorded.rows(1, 0)[0]) == 3
+    capsys.readouterr()
+    code = cli(["bench", tiny_with_tokenizer, *TINY_BENCH, "--baselines", "memory", "--budgets", "50",
+                "--scenario", "throughput", "--batches", "1,2,4", "--replay", str(routing)])  # fmt: skip
+    out = capsys.readouterr().out
+    record = _last_json(out)
+    assert code == 0 and "throughput@4: skipped" in out, out
+    assert [p["key"] for p in record["points"]] == ["throughput@1", "throughput@2"]
+    for key in ("throughput@1", "throughput@2"):
+        assert record["results"][key]["offload@50%"]["tokens_match_memory"] is True
+
+
 def test_timeline_metrics_define_bubble_fraction_and_overlap():
     ev = [
         Event("layer", "MoE L0", 0.0, 4.0, "Main", {"layer": 0}),

@@ -13,7 +13,7 @@ over from one point to the next as in a long-running server (each finished point
 `spec["partial_path"]`, so a later point that runs out of memory does not lose the earlier ones); the page cache is evicted before every point and, in
 "cold" mode, between decode steps too (outside the timed region). Prompts are tokenized text when the model folder
 has a tokenizer (realistic routing for a trained model), otherwise seeded random ids. With a routing trace
-(`replay`), every model follows the recorded routing; its batch and prompt length must match the recording.
+(`replay`), every model follows the recorded routing: the recording's prompt length, a batch up to the recording's.
 """
 
 from __future__ import annotations

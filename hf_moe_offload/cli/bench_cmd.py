@@ -104,7 +104,7 @@ def _resolve_model(args: argparse.Namespace) -> tuple[str, dict | None]:
 
 
 def _replay_points(points: list[dict], path: str) -> tuple[list[dict], list[str]]:
-    """Fit the points to a recorded trace: its prompt length, at most its steps, only its batch size."""
+    """Fit the points to a recorded trace: its prompt length, at most its steps, batches up to the recorded one."""
     from ..prefetch.trace import RoutingTrace
 
     trace = RoutingTrace.load(path)
@@ -112,12 +112,12 @@ def _replay_points(points: list[dict], path: str) -> tuple[list[dict], list[str]
     prompt_len = int(trace.meta.get("prompt_len") or len(trace.rows(0, 0)[0]) // batch)
     kept, notes = [], []
     for point in points:
-        if point["batch"] != batch:
+        if point["batch"] > batch:  # a smaller batch follows the recording's first sequences
             notes.append(f"{point['key']}: skipped, the trace was recorded at batch {batch}")
             continue
         kept.append(dict(point, prompt_len=prompt_len, new_tokens=min(point["new_tokens"], trace.num_steps)))
     if not kept:
-        raise OffloadConfigError(f"--replay: no scenario point runs at the trace's batch size {batch}")
+        raise OffloadConfigError(f"--replay: every scenario point's batch exceeds the trace's batch size {batch}")
     return kept, notes
 
 

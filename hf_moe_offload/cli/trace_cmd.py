@@ -6,7 +6,9 @@ from_pretrained(offload_config) --> cache.timeline.enabled --> generate (min = m
     --> DIR/timeline.json (Perfetto / chrome://tracing), DIR/timeline.png, bubble fraction and overlap
     --> a summary for people, then one JSON line
 ```
-Without a tokenizer in the model folder (or without `--prompt`) the prompt is `--prompt-len` seeded random ids.
+Without a tokenizer in the model folder (or without `--prompt` / `--prompt-file`) the prompts are `--prompt-len`
+seeded random ids. `--batch N` generates N sequences at once (prompts cycled, left-padded): a routing recorded at
+batch N replays at any batch up to N (`bench --replay`).
 The JSON line holds `timeline_json`, `timeline_png`, `routing_trace`, the `timeline_metrics` keys
 (`bubble_fraction`, `overlap`, `overlap_expert_compute`, `stall_s`, `moe_layer_s`, `compute_s`, `io_s`,
 `io_loads`, `io_bytes`, `io_speculative`, `io_threads`, `steps`, `step_s`, `span_s`), `events`, `prompt_tokens`,
@@ -32,6 +34,8 @@ def add_parser(sub) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("model", help="model folder (or a model id already in the Hugging Face cache)")
     p.add_argument("--prompt", help="prompt text (needs a tokenizer in the model folder)")
+    p.add_argument("--prompt-file", help="prompts, one per line (a literal \\n stands for a newline)")
+    p.add_argument("--batch", type=int, default=0, help="sequences generated at once (default: one per prompt)")
     p.add_argument("--prompt-len", type=int, default=32, help="random prompt length without --prompt (default 32)")
     p.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate, exactly (default 16)")
     p.add_argument("--out", default="hf_moe_offload_trace", help="output folder (default ./hf_moe_offload_trace)")
@@ -44,20 +48,39 @@ def add_parser(sub) -> None:
     p.set_defaults(func=main)
 
 
+def _prompts(args) -> list[str]:
+    if args.prompt_file:
+        with open(args.prompt_file, encoding="utf-8") as f:
+            prompts = [line.rstrip("\n").replace("\\n", "\n") for line in f if line.strip()]
+        if not prompts:
+            raise SystemExit(f"trace: {args.prompt_file} holds no prompt")
+        return prompts
+    return [args.prompt] if args.prompt else []
+
+
 def _inputs(args, model):
+    """`(input_ids, attention_mask, tokenizer or None)` for `--batch` sequences."""
     import torch
 
-    if args.prompt:
+    prompts = _prompts(args)
+    batch = args.batch or max(1, len(prompts))
+    if batch < 1:
+        raise SystemExit(f"trace: --batch must be at least 1, got {args.batch}")
+    if prompts:
         try:
             from transformers import AutoTokenizer
 
-            tok = AutoTokenizer.from_pretrained(model.offload_engine.folder)
+            tok = AutoTokenizer.from_pretrained(model.offload_engine.folder, padding_side="left")
         except Exception as e:  # noqa: BLE001 - any failure means the folder has no usable tokenizer
-            raise SystemExit(f"trace: --prompt needs a tokenizer in the model folder ({type(e).__name__}); "
+            raise SystemExit(f"trace: prompts need a tokenizer in the model folder ({type(e).__name__}); "
                              f"use --prompt-len for a random prompt") from None  # fmt: skip
-        return tok(args.prompt, return_tensors="pt").input_ids, tok
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        enc = tok([prompts[i % len(prompts)] for i in range(batch)], return_tensors="pt", padding=True)
+        return enc.input_ids, enc.attention_mask, tok
     gen = torch.Generator().manual_seed(args.seed)
-    return torch.randint(0, model.config.vocab_size, (1, args.prompt_len), generator=gen), None
+    ids = torch.randint(0, model.config.vocab_size, (batch, args.prompt_len), generator=gen)
+    return ids, torch.ones_like(ids), None
 
 
 def main(args: argparse.Namespace) -> int:
@@ -74,8 +97,8 @@ def main(args: argparse.Namespace) -> int:
     cfg = offload_config_from_args(args)
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, offload_config=cfg)
-    ids, tok = _inputs(args, model)
-    ids = ids.to(model.device)
+    ids, mask, tok = _inputs(args, model)
+    ids, mask = ids.to(model.device), mask.to(model.device)
     n = args.max_new_tokens
     timeline = model.offload_engine.cache.timeline
     timeline.clear()
@@ -87,7 +110,7 @@ def main(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         with recorder as rec, torch.inference_mode():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
                                  do_sample=False, pad_token_id=pad)  # fmt: skip
     finally:
         timeline.enabled = False

@@ -3,8 +3,9 @@
 Both are forward pre-hooks on the experts modules (found by the adapters), so they work on normal and offloaded
 models alike, for every family whose experts take `(hidden_states, top_k_index, top_k_weights)`. The decode step
 advances each time the first MoE layer is called. Replaying maps layers cyclically and experts by
-`prefetch.trace.map_routing`, and requires the same number of tokens per step as recorded (same batch and prompt
-length: drive `generate` with `min_new_tokens` so it does not stop early).
+`prefetch.trace.map_routing`, and requires the recording's prompt length and a batch no larger than the recording's
+(a smaller batch follows the recording's first sequences; drive `generate` with `min_new_tokens` so that it does
+not stop early).
 
 The recorder also stores, for each layer, what the *next* layer's router picks from this layer's MoE input (gate
 lookahead at record time). A replayed model's own routers are unrelated to the routing it is forced to follow, so
@@ -88,6 +89,7 @@ def replay_routing(model: nn.Module, trace: RoutingTrace):
     topo = describe_model(model)
     state = {"step": -1}
     handles = []
+    rec_batch = int(trace.meta.get("batch") or 0)  # sequences per step in the recording, when it says
     predictor = _active_lookahead(model)
     saved_routers = dict(predictor.routers) if predictor is not None else None
     if predictor is not None and trace.lookahead is not None:
@@ -106,11 +108,15 @@ def replay_routing(model: nn.Module, trace: RoutingTrace):
             if step >= trace.num_steps:
                 raise RuntimeError(f"replay: the trace has {trace.num_steps} steps; the model ran a step {step + 1}")
             rec_e, rec_w = trace.rows(step, layer % trace.num_layers)
-            if len(rec_e) != idx.shape[0]:
+            n = idx.shape[0]
+            per_seq = len(rec_e) // rec_batch if rec_batch and len(rec_e) % rec_batch == 0 else 0
+            if len(rec_e) != n and not (per_seq and n % per_seq == 0 and n < len(rec_e)):
                 raise RuntimeError(
-                    f"replay: step {step} of the trace routed {len(rec_e)} tokens but the model computes "
-                    f"{idx.shape[0]}; use the batch size and prompt length of the recording"
+                    f"replay: step {step} of the trace routed {len(rec_e)} tokens but the model computes {n}; "
+                    f"use the prompt length of the recording and a batch no larger than the recording's"
                 )
+            # tokens are flattened batch-major, so the first n rows are the recording's first sequences
+            rec_e, rec_w = rec_e[:n], rec_w[:n]
             e, w = map_routing(rec_e, rec_w, trace.num_experts, num_experts, top_k)
             new_idx = torch.from_numpy(e).to(idx.device, idx.dtype)
             new_w = torch.from_numpy(w).to(old_w.device, old_w.dtype)
@@ -151,6 +157,7 @@ class _ReplayedRouter:
         rows = self.trace.lookahead_rows(self.state["step"], src) if src >= 0 else None
         if rows is None:
             raise LookupError("no recorded lookahead for this layer")  # the predictor then drops this router
+        rows = rows[: len(hidden)]  # a smaller batch follows the recording's first sequences
         e, _ = map_routing(rows, np.ones(rows.shape, np.float32), self.trace.num_experts, self.num_experts, self.top_k)
         logits = torch.zeros(len(e), self.num_experts)
         return logits, None, torch.from_numpy(e)
