@@ -12,6 +12,7 @@ __all__ = [
     "OffloadConfigError",
     "UnsupportedModelError",
     "UnsupportedLayoutError",
+    "UnsupportedQuantizationError",
     "BudgetTooSmallError",
     "UnknownNameError",
     "MissingShardError",
@@ -33,6 +34,10 @@ class UnsupportedModelError(OffloadError, ValueError):
 
 class UnsupportedLayoutError(OffloadError, ValueError):
     """The checkpoint stores expert weights in a layout the expert store cannot read by byte range."""
+
+
+class UnsupportedQuantizationError(OffloadError, ValueError):
+    """The checkpoint is quantized with a method whose expert weights hf_moe_offload cannot dequantize."""
 
 
 class BudgetTooSmallError(OffloadError, ValueError):

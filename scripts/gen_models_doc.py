@@ -67,6 +67,23 @@ def run_matrix(types: list[str], verbose: bool = True) -> dict[str, dict[str, st
     return out
 
 
+# Hand-written: pre-quantized checkpoints (tests/test_quantized.py), appended after the generated table.
+QUANTIZED = """
+## Pre-quantized checkpoints
+
+A checkpoint whose `config.json` carries a `quantization_config` loads with `offload_config=` when its method is
+one of these; the expert bytes are read per expert with their scales and dequantized into the cache slot in the
+compute dtype (the other weights load as transformers loads them on the machine). Any other method raises
+`UnsupportedQuantizationError` before a weight is read. `tests/test_quantized.py` checks both against the normal
+load of the same checkpoint (identical logits and greedy tokens).
+
+| quant_method | checkpoint keys per expert weight | checked on | notes |
+|---|---|---|---|
+| `fp8` (DeepSeek-V3 style, `weight_block_size` blocks) | `...experts.E.gate_proj.weight` float8_e4m3 + `...weight_scale_inv` float32 per block | `deepseek_v3`, per-expert keys | `ue8m0` (uint8) scales accepted; `expert_dtype="fp4"` not supported; the experts modules are kept unquantized (`modules_to_not_convert`), so FP8 expert kernels are not used |
+| `mxfp4` (GPT-OSS) | `...experts.gate_up_proj_blocks` uint8 `[E, 2I, H/32, 16]` + `..._scales` E8M0 `[E, 2I, H/32]`, same for `down_proj` | `gpt_oss`, fused keys | dequantized as transformers does (`[out, in]` transposed to the model's `[in, out]`); loaded with `Mxfp4Config(dequantize=True)`, so the triton MXFP4 kernels are not used |
+"""  # noqa: E501
+
+
 def render(results: dict[str, dict[str, str]]) -> str:
     fams = discover_moe_families()
     lines = [
@@ -107,7 +124,7 @@ def render(results: dict[str, dict[str, str]]) -> str:
                 why = f"{why} ({f.note})" if why else f"({f.note})"
         why = why.replace("|", "\\|")
         lines.append(f"| `{f.model_type}` | `{f.experts_class}` | {adapter} | {auto or '-'} | {status} | {why} |")
-    lines.append("")
+    lines.append(QUANTIZED)
     return "\n".join(lines)
 
 

@@ -20,7 +20,15 @@ from ..cache import ExpertCache, OffloadStats, make_policy
 from ..config import OffloadConfig, format_bytes
 from ..errors import BudgetTooSmallError
 from ..prefetch import CorrelationPredictor, Prefetcher, make_predictor
-from ..storage import ExpertLayout, ExpertStore, build_layout, checkpoint_files, read_header
+from ..storage import (
+    ExpertLayout,
+    ExpertStore,
+    build_layout,
+    checkpoint_files,
+    checkpoint_quantization,
+    fold_quantized,
+    read_header,
+)
 from .experts_forward import run_layer
 
 __all__ = ["OffloadEngine", "LayerHandle", "plan_slots", "inspect_checkpoint", "live_engines", "CORRELATION_FILE"]
@@ -81,7 +89,7 @@ def plan_slots(cfg: OffloadConfig, topology: MoETopology, slot_nbytes: int, devi
 
 def inspect_checkpoint(model: nn.Module, folder: str) -> tuple[MoETopology, ExpertLayout, list[str]]:
     """Topology of `model` (meta or loaded), the byte layout of its experts in the checkpoint at `folder`, and the
-    checkpoint keys that hold expert weights.
+    checkpoint keys that hold expert weights (with their scales, for quantized checkpoints).
 
     Reads and validates every safetensors header; reads no tensor data.
     """
@@ -89,8 +97,12 @@ def inspect_checkpoint(model: nn.Module, folder: str) -> tuple[MoETopology, Expe
     tensors = {}
     for path in checkpoint_files(folder):
         tensors.update(read_header(path).tensors)
+    tensors, quantized = fold_quantized(tensors)
     targets = resolve_expert_keys(model, list(tensors), topology)
-    return topology, build_layout(topology, tensors, targets), sorted(targets)
+    block = (checkpoint_quantization(folder) or {}).get("weight_block_size")
+    layout = build_layout(topology, tensors, targets, quantized, tuple(block) if block else None)
+    keys = {k for t in targets for k in (quantized[t].keys if t in quantized else (t,))}
+    return topology, layout, sorted(keys)
 
 
 class OffloadEngine:

@@ -3,6 +3,8 @@
 ```
 offload_config --coerce--> OffloadConfig
 path --local folder / HF cache--> headers checked, layout and budget checked on a meta model   (nothing loaded)
+a pre-quantized checkpoint (config.json `quantization_config`): FP8 or MXFP4 only; transformers keeps the experts
+    modules unquantized (`modules_to_not_convert`, or `dequantize=True` for MXFP4) and we dequantize per expert
 from_pretrained with a module-registration hook: each experts module loses its expert Parameters as soon as it
     is built, so their checkpoint keys are "unexpected" and never read (and silenced in the load report)
 OffloadEngine(model) + experts_implementation="hf_moe_offload" + model.offload_stats()
@@ -23,8 +25,8 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from ..adapters import find_adapter
 from ..config import OffloadConfig
-from ..errors import OffloadConfigError
-from ..storage import checkpoint_files
+from ..errors import OffloadConfigError, UnsupportedQuantizationError
+from ..storage import SUPPORTED_METHODS, checkpoint_files
 from .engine import OffloadEngine, inspect_checkpoint, plan_slots, resolve_device
 from .experts_forward import IMPLEMENTATION_NAME
 from .generation import wrap_generate
@@ -33,6 +35,7 @@ __all__ = ["load_offloaded", "resolve_folder", "ignore_patterns"]
 
 _state = threading.local()
 _INCOMPATIBLE = ("state_dict", "gguf_file", "quantization_config", "tp_plan", "device_mesh", "offload_folder")
+_HINTS = {"quantization_config": " (a checkpoint already quantized with FP8 or MXFP4 loads without it)"}
 
 
 def resolve_folder(path: str | os.PathLike, kwargs: dict) -> str:
@@ -80,6 +83,7 @@ def _check_kwargs(kwargs: dict, device: torch.device) -> None:
             raise OffloadConfigError(
                 f"from_pretrained: {name}= cannot be combined with offload_config=; hf_moe_offload reads experts "
                 f"from the checkpoint's safetensors files itself. Remove {name}= or load without offload_config"
+                f"{_HINTS.get(name, '')}"
             )
     device_map = kwargs.get("device_map")
     if device_map is None:
@@ -94,10 +98,46 @@ def _check_kwargs(kwargs: dict, device: torch.device) -> None:
         )
 
 
-def _meta_model(cls, folder: str, kwargs: dict) -> nn.Module:
+def _config(folder: str, kwargs: dict) -> PretrainedConfig:
     config = kwargs.get("config")
     if not isinstance(config, PretrainedConfig):
         config = AutoConfig.from_pretrained(folder, trust_remote_code=kwargs.get("trust_remote_code", False))
+    return config
+
+
+def _quantization(config: PretrainedConfig) -> dict | None:
+    """The checkpoint's `quantization_config` as a dict, or None.
+
+    Raises:
+        UnsupportedQuantizationError: a method (or FP8 variant) whose expert weights we cannot dequantize.
+    """
+    q = getattr(config, "quantization_config", None)
+    if q is None:
+        return None
+    q = q.to_dict() if hasattr(q, "to_dict") else dict(q)
+    method = q.get("quant_method")
+    if method not in SUPPORTED_METHODS or (method == "fp8" and q.get("expert_dtype", "fp8") != "fp8"):
+        what = f"{method!r} with expert_dtype={q.get('expert_dtype')!r}" if method == "fp8" else repr(method)
+        raise UnsupportedQuantizationError(
+            f"the checkpoint is quantized with quant_method={what}; hf_moe_offload dequantizes expert weights of "
+            f"quant_method {' and '.join(map(repr, SUPPORTED_METHODS))} (DeepSeek-style block FP8 with "
+            f"weight_scale_inv, GPT-OSS MXFP4 blocks/scales) only. Use an unquantized or FP8/MXFP4 checkpoint, or "
+            f"load without offload_config"
+        )
+    return q
+
+
+def _quantization_arg(q: dict, expert_modules: list[str]):
+    """`quantization_config=` that keeps the experts modules unquantized (their weights never load: we read them)."""
+    from transformers import FineGrainedFP8Config, Mxfp4Config
+
+    if q["quant_method"] == "mxfp4":  # only the experts are MXFP4: dequantizing changes nothing else
+        return Mxfp4Config(dequantize=True)
+    keep = list(q.get("modules_to_not_convert") or []) + expert_modules
+    return FineGrainedFP8Config(dequantize=bool(q.get("dequantize", False)), modules_to_not_convert=keep)
+
+
+def _meta_model(cls, config: PretrainedConfig, kwargs: dict) -> nn.Module:
     dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype, None)
@@ -116,8 +156,12 @@ def load_offloaded(cls, original, path, model_args: tuple, kwargs: dict, offload
     kwargs = dict(kwargs)
     _check_kwargs(kwargs, device)
     folder = resolve_folder(path, kwargs)
+    config = _config(folder, kwargs)
+    quantization = _quantization(config)
 
-    topology, layout, expert_keys = inspect_checkpoint(_meta_model(cls, folder, kwargs), folder)
+    topology, layout, expert_keys = inspect_checkpoint(_meta_model(cls, config, kwargs), folder)
+    if quantization is not None:
+        kwargs["quantization_config"] = _quantization_arg(quantization, [x.module_name for x in topology.layers])
     if cfg.mode == "auto":  # measured hardware profile + planner -> concrete budgets and prefetch depth
         from ..scheduling.auto import auto_config
 

@@ -1,6 +1,7 @@
-"""Expert bytes at rest: safetensors headers, byte-range layout, and the reader."""
+"""Expert bytes at rest: safetensors headers, byte-range layout, quantized weights, and the reader."""
 
 from .layout import ExpertLayout, Piece, build_layout
+from .quantized import SUPPORTED_METHODS, QuantizedWeight, QuantSpec, checkpoint_quantization, fold_quantized
 from .reader import ExpertStore, slot_views
 from .safetensors_file import SafetensorsHeader, TensorInfo, checkpoint_files, read_header
 
@@ -10,6 +11,11 @@ __all__ = [
     "build_layout",
     "ExpertStore",
     "slot_views",
+    "SUPPORTED_METHODS",
+    "QuantizedWeight",
+    "QuantSpec",
+    "checkpoint_quantization",
+    "fold_quantized",
     "SafetensorsHeader",
     "TensorInfo",
     "checkpoint_files",

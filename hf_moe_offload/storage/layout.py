@@ -4,7 +4,8 @@ A cache slot holds one expert as one contiguous buffer: its weights one after an
 the model's compute dtype. Each weight is filled from one or more *pieces* of the checkpoint: a per-expert key is
 one piece; a fused `[E, ...]` tensor gives the slice of expert `e` (a `[E * n, ...]` one its block of n rows);
 gate and up are two pieces concatenated on dim 0. When the stored dtype equals the compute dtype a piece is read
-straight into the slot.
+straight into the slot; a quantized piece (FP8 or MXFP4, see quantized.py) carries its scales' byte range and is
+dequantized into the slot.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from ..adapters import ExpertParam, KeyTarget, MoETopology
-from ..errors import CorruptCheckpointError
+from ..errors import CorruptCheckpointError, UnsupportedLayoutError
+from .quantized import QuantizedWeight, QuantSpec
 from .safetensors_file import TensorInfo
 
 __all__ = ["Piece", "ExpertLayout", "build_layout", "SLOT_ALIGN"]
@@ -40,7 +42,8 @@ class Piece:
         nbytes: bytes to read (in the stored dtype).
         src_dtype: stored dtype.
         dst_start: first element (in the weight's flattened per-expert tensor) that this piece fills.
-        numel: number of elements.
+        numel: number of elements it fills (dequantized elements for a quantized piece).
+        quant: how to dequantize it; None when it is stored unquantized.
     """
 
     file: str
@@ -49,6 +52,7 @@ class Piece:
     src_dtype: torch.dtype
     dst_start: int
     numel: int
+    quant: QuantSpec | None = None
 
 
 @dataclass
@@ -62,7 +66,8 @@ class ExpertLayout:
 
     @property
     def files(self) -> list[str]:
-        return sorted({p.file for per_expert in self.pieces.values() for ps in per_expert for p in ps})
+        pieces = [p for per_expert in self.pieces.values() for ps in per_expert for p in ps]
+        return sorted({p.file for p in pieces} | {p.quant.scale_file for p in pieces if p.quant is not None})
 
 
 def _slot_offsets(params: tuple[ExpertParam, ...]) -> tuple[tuple[int, ...], int]:
@@ -74,26 +79,72 @@ def _slot_offsets(params: tuple[ExpertParam, ...]) -> tuple[tuple[int, ...], int
     return tuple(offsets), pos
 
 
+def _quant_spec(q: QuantizedWeight, shape: tuple, count: int, e: int, block: tuple[int, int] | None) -> QuantSpec:
+    """The `QuantSpec` of slice `e` of `count` (count 1: the whole tensor) of quantized weight `q`."""
+    s = q.scales
+    per = s.nbytes // count
+    s_shape = s.shape[1:] if count > 1 else s.shape
+    return QuantSpec(q.scheme, q.data.dtype, shape, s.file, s.start + e * per, per, s.dtype, s_shape, block)
+
+
+def _quantized_parts(parts, key: str, info: TensorInfo, q: QuantizedWeight, t: KeyTarget, layer, block) -> None:
+    """Add the pieces of a quantized checkpoint weight: one per-expert tensor, or every slice of a fused one."""
+    if q.scheme == "mxfp4" and t.num_parts != 1:
+        raise UnsupportedLayoutError(f"{key}: MXFP4 expert weights concatenated with others are not supported")
+    if t.expert is not None:
+        parts[(t.layer, t.expert, t.param)][t.part] = (
+            info,
+            info.start,
+            info.nbytes,
+            info.shape,
+            _quant_spec(q, info.shape, 1, 0, block),
+        )
+        return
+    count = info.shape[0] if info.shape else 0
+    stored = next((p.stored_experts for p in layer.params if p.name == t.param), 0)
+    if count not in (layer.num_experts, stored) or q.scales.shape[:1] != (count,):
+        raise UnsupportedLayoutError(
+            f"{key}: quantized expert weight {list(info.shape)} with scales {list(q.scales.shape)} does not hold one "
+            f"slice per expert ({layer.num_experts}); hf_moe_offload cannot read it expert by expert"
+        )
+    per, shape = info.nbytes // count, info.shape[1:]
+    for e in range(layer.num_experts):
+        spec = _quant_spec(q, shape, count, e, block)
+        parts[(t.layer, e, t.param)][t.part] = (info, info.start + e * per, per, shape, spec)
+
+
 def build_layout(
-    topology: MoETopology, tensors: dict[str, TensorInfo], key_targets: dict[str, KeyTarget]
+    topology: MoETopology,
+    tensors: dict[str, TensorInfo],
+    key_targets: dict[str, KeyTarget],
+    quantized: dict[str, QuantizedWeight] | None = None,
+    block_size: tuple[int, int] | None = None,
 ) -> ExpertLayout:
     """Work out the pieces of every expert weight.
 
     Args:
         topology: the model's MoE layers.
-        tensors: every checkpoint key -> its `TensorInfo` (from the safetensors headers).
+        tensors: every checkpoint key -> its `TensorInfo` (from the safetensors headers, after `fold_quantized`).
         key_targets: the keys that hold expert weights -> where they go (`resolve_expert_keys`).
+        quantized: the quantized keys among them (`fold_quantized`).
+        block_size: FP8 block size from the checkpoint's quantization config (None: derived from the scales).
 
     Raises:
         CorruptCheckpointError: an expert weight is missing from the checkpoint or has the wrong shape.
+        UnsupportedLayoutError: a quantized weight is fused in a way that cannot be sliced per expert.
     """
-    # (layer, expert, param) -> {part: (info, offset, nbytes, part_shape)}
-    parts: dict[tuple[int, int, str], dict[int, tuple[TensorInfo, int, int, tuple[int, ...]]]] = defaultdict(dict)
+    quantized = quantized or {}
+    # (layer, expert, param) -> {part: (info, offset, nbytes, part_shape, quant)}
+    parts: dict[tuple[int, int, str], dict[int, tuple]] = defaultdict(dict)
     num_parts: dict[tuple[int, str], int] = {}
     layers = {layer.layer: layer for layer in topology.layers}
     for key, t in key_targets.items():
         info = tensors[key]
+        q = quantized.get(key)
         num_parts[(t.layer, t.param)] = t.num_parts
+        if q is not None:
+            _quantized_parts(parts, key, info, q, t, layers[t.layer], block_size)
+            continue
         if t.expert is None:
             # Fused over experts on dim 0: `[E, ...]` (one slice per expert) or `[E * n, ...]` (a block of n rows
             # per expert, e.g. DBRX); either way expert e's bytes are the e-th of E equal contiguous ranges.
@@ -102,7 +153,7 @@ def build_layout(
             if stored and info.shape and info.shape[0] == stored:  # trailing slices past n_exp are never read
                 per = info.nbytes // stored
                 for e in range(n_exp):
-                    parts[(t.layer, e, t.param)][t.part] = (info, info.start + e * per, per, info.shape[1:])
+                    parts[(t.layer, e, t.param)][t.part] = (info, info.start + e * per, per, info.shape[1:], None)
                 continue
             if not info.shape or info.shape[0] % n_exp:
                 raise CorruptCheckpointError(
@@ -112,9 +163,9 @@ def build_layout(
             per = info.nbytes // n_exp
             shape = info.shape[1:] if info.shape[0] == n_exp else (info.shape[0] // n_exp, *info.shape[1:])
             for e in range(n_exp):
-                parts[(t.layer, e, t.param)][t.part] = (info, info.start + e * per, per, shape)
+                parts[(t.layer, e, t.param)][t.part] = (info, info.start + e * per, per, shape, None)
         else:
-            parts[(t.layer, t.expert, t.param)][t.part] = (info, info.start, info.nbytes, info.shape)
+            parts[(t.layer, t.expert, t.param)][t.part] = (info, info.start, info.nbytes, info.shape, None)
 
     layer_params, layer_offsets, slot_nbytes = {}, {}, 0
     pieces: dict[tuple[int, int], tuple[tuple[Piece, ...], ...]] = {}
@@ -134,9 +185,9 @@ def build_layout(
                     )
                 ps, start = [], 0
                 for k in range(want):
-                    info, off, nbytes, shape = found[k]
-                    n = _numel(shape)
-                    ps.append(Piece(info.file, off, nbytes, info.dtype, start, n))
+                    info, off, nbytes, shape, spec = found[k]
+                    n = _numel(shape) * (spec.expand if spec else 1)
+                    ps.append(Piece(info.file, off, nbytes, info.dtype, start, n, spec))
                     start += n
                 if start != _numel(p.shape):
                     raise CorruptCheckpointError(

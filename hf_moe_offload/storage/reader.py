@@ -5,7 +5,8 @@ one system call per piece and no intermediate copy when the stored dtype is the 
 cache keeps of those bytes is a second copy of experts we already hold, so by default (`io_mode="fadvise"`) each
 range is dropped from the page cache after the read; `"direct"` opens the files with `O_DIRECT` (aligned reads
 through a small per-thread bounce buffer) and never fills the page cache; `"cached"` leaves it alone. The store is
-thread-safe: file descriptors are shared, scratch buffers are per thread.
+thread-safe: file descriptors are shared, scratch buffers are per thread. A quantized piece (FP8, MXFP4) is read
+with its scales and dequantized into the slot (quantized.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 
 from ..errors import OffloadConfigError
 from .layout import ExpertLayout, Piece
+from .quantized import dequantize
 
 __all__ = ["ExpertStore", "slot_views"]
 
@@ -96,9 +98,12 @@ class ExpertStore:
         return buf[:nbytes]
 
     def _read_piece(self, piece: Piece, dst: np.ndarray) -> None:
-        fd = self._fd(piece.file)
+        self._read_range(piece.file, piece.offset, piece.nbytes, dst)
+
+    def _read_range(self, file: str, offset: int, nbytes: int, dst: np.ndarray) -> None:
+        fd = self._fd(file)
         if self.io_mode == "direct":
-            pos, end, out = piece.offset, piece.offset + piece.nbytes, 0
+            pos, end, out = offset, offset + nbytes, 0
             while pos < end:
                 a = pos - pos % _ALIGN
                 b = min(-(-end // _ALIGN) * _ALIGN, a + _DIRECT_CHUNK)
@@ -106,16 +111,16 @@ class ExpertStore:
                 got = _readinto(fd, memoryview(scratch[: b - a]), a)
                 take = min(b, end) - pos
                 if got < pos - a + take:
-                    raise OSError(f"short read from {piece.file} at byte {pos}: file changed or truncated")
+                    raise OSError(f"short read from {file} at byte {pos}: file changed or truncated")
                 dst[out : out + take] = scratch[pos - a : pos - a + take]
                 out += take
                 pos += take
             return
-        got = _readinto(fd, memoryview(dst), piece.offset)
-        if got != piece.nbytes:
-            raise OSError(f"short read from {piece.file} at byte {piece.offset}: file changed or truncated")
+        got = _readinto(fd, memoryview(dst), offset)
+        if got != nbytes:
+            raise OSError(f"short read from {file} at byte {offset}: file changed or truncated")
         if self.io_mode == "fadvise":
-            os.posix_fadvise(fd, piece.offset, piece.nbytes, os.POSIX_FADV_DONTNEED)
+            os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
 
     def read_into(self, layer: int, expert: int, slot: torch.Tensor) -> int:
         """Fill `slot` (flat uint8 CPU tensor of at least `layout.slot_nbytes`) with expert `(layer, expert)`.
@@ -133,7 +138,10 @@ class ExpertStore:
             item = p.nbytes // max(1, _numel(p.shape))
             for piece in pieces:
                 start = off + piece.dst_start * item
-                if piece.src_dtype == p.dtype:
+                if piece.quant is not None:
+                    self._read_quantized(piece, slot[start : start + piece.numel * item].view(p.dtype))
+                    total += piece.quant.scale_nbytes
+                elif piece.src_dtype == p.dtype:
                     self._read_piece(piece, slot_np[start : start + piece.nbytes])
                 else:
                     raw = np.empty(piece.nbytes, dtype=np.uint8)
@@ -142,6 +150,16 @@ class ExpertStore:
                     slot[start : start + piece.numel * item].view(p.dtype).copy_(src)
                 total += piece.nbytes
         return total
+
+    def _read_quantized(self, piece: Piece, dst: torch.Tensor) -> None:
+        """Read a quantized piece and its scales and dequantize them into `dst` (flat, compute dtype)."""
+        q = piece.quant
+        data = np.empty(piece.nbytes, dtype=np.uint8)
+        scales = np.empty(q.scale_nbytes, dtype=np.uint8)
+        self._read_piece(piece, data)
+        self._read_range(q.scale_file, q.scale_offset, q.scale_nbytes, scales)
+        w = dequantize(q, torch.from_numpy(data), torch.from_numpy(scales), dst.dtype)
+        dst.view(w.shape).copy_(w)
 
     def drop_cached(self) -> int:
         """Drop the expert byte ranges from the page cache (e.g. after loading the other weights through mmap,
@@ -176,9 +194,14 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def _merged_ranges(layout: ExpertLayout, path: str) -> list[tuple[int, int]]:
-    ranges = sorted(
-        (p.offset, p.offset + p.nbytes) for per in layout.pieces.values() for ps in per for p in ps if p.file == path
-    )
+    pieces = [p for per in layout.pieces.values() for ps in per for p in ps]
+    ranges = [(p.offset, p.offset + p.nbytes) for p in pieces if p.file == path]
+    ranges += [
+        (p.quant.scale_offset, p.quant.scale_offset + p.quant.scale_nbytes)
+        for p in pieces
+        if p.quant and p.quant.scale_file == path
+    ]
+    ranges.sort()
     merged: list[tuple[int, int]] = []
     for a, b in ranges:
         if merged and a <= merged[-1][1]:
