@@ -32,7 +32,7 @@ def inspect_path(path: str) -> dict:
     cls = AutoModelForCausalLM._model_mapping[type(config)]
     info = {"path": folder, "model_type": config.model_type, "architecture": cls.__name__}
     try:
-        topology, layout, keys = inspect_checkpoint(_meta_model(cls, folder, {}), folder)
+        topology, layout, keys = inspect_checkpoint(_meta_model(cls, config, {}), folder)
     except OffloadError as e:
         info.update(supported=False, reason=f"{type(e).__name__}: {e}")
         return info

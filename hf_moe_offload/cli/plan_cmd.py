@@ -124,7 +124,11 @@ def main(args: argparse.Namespace) -> int:
             import torch
 
             device_memory = torch.cuda.mem_get_info(args.device)[0]
-    curve = distinct_from_trace(RoutingTrace.load(args.trace), batches) if args.trace else None
+    curve = None
+    if args.trace:  # mapped to this model's experts, and its layers cyclically, as `bench --replay` does
+        curve = distinct_from_trace(RoutingTrace.load(args.trace), batches, num_experts=shape.num_experts,
+                                    top_k=shape.top_k)  # fmt: skip
+        curve = {b: [v[i % len(v)] for i in range(shape.num_layers)] for b, v in curve.items()}
     result = plan(profile, shape, memory, args.latency, batches, seq_bytes=seq_bytes,
                   device_memory_bytes=device_memory, distinct_curve=curve, hit_rate=args.hit_rate,
                   read_from=args.read_from)  # fmt: skip

@@ -31,6 +31,7 @@ import numpy as np
 
 from ..config import format_bytes
 from ..prefetch import RoutingTrace
+from ..prefetch.trace import map_routing
 from .profile import HardwareProfile
 
 __all__ = [
@@ -69,23 +70,40 @@ def expected_distinct(batch: float, num_experts: int, top_k: int) -> float:
 
 
 def distinct_from_trace(
-    trace: RoutingTrace, batch_sizes=DEFAULT_BATCHES, samples: int = 64, seed: int = 0, skip_prefill: bool = True
+    trace: RoutingTrace,
+    batch_sizes=DEFAULT_BATCHES,
+    samples: int = 64,
+    seed: int = 0,
+    skip_prefill: bool = True,
+    num_experts: int | None = None,
+    top_k: int | None = None,
 ) -> dict[int, list[float]]:
-    """Measured distinct experts per layer against batch size: the union of `B` random decode steps of a trace.
+    """Measured distinct experts per layer against batch size, from the decode steps of a trace.
 
-    A trace of one sequence stands in for a batch of independent sequences (B steps ~ B sequences' tokens); when
-    `B` exceeds the steps recorded, all of them are used. Returns `{B: [mean distinct experts of layer l]}`.
+    A batch of `B` is `B` sequences of one recorded step (a trace recorded at batch >= B), else the sequences of
+    several random steps (a trace of one sequence: B steps ~ B independent sequences). With `num_experts` /
+    `top_k` of another model the routing is first mapped to it (`prefetch.trace.map_routing`, as a replay does).
+    Returns `{B: [mean distinct experts of layer l]}`.
     """
     rng = np.random.default_rng(seed)
+    experts, k = num_experts or trace.num_experts, top_k or trace.top_k
     out: dict[int, list[float]] = {b: [] for b in batch_sizes}
+    first = 1 if skip_prefill and trace.num_steps > 1 else 0
     for layer in range(trace.num_layers):
-        sets = trace.expert_sets(layer)[1 if skip_prefill else 0 :]
-        used = np.zeros((max(1, len(sets)), trace.num_experts), dtype=bool)
-        for i, s in enumerate(sets):
-            used[i, list(s)] = True
+        steps = []  # one (sequences, experts) bool matrix per decode step
+        for step in range(first, trace.num_steps):
+            e, w = trace.rows(step, layer)
+            if (experts, k) != (trace.num_experts, trace.top_k):
+                e, _ = map_routing(e, w, trace.num_experts, experts, k)
+            used = np.zeros((len(e), experts), dtype=bool)
+            used[np.arange(len(e))[:, None], e] = True
+            steps.append(used)
         for b in batch_sizes:
-            take = min(b, len(used))
-            draws = [used[rng.choice(len(used), take, replace=False)].any(0).sum() for _ in range(samples)]
+            draws = []
+            for _ in range(samples):
+                picked = rng.choice(len(steps), min(len(steps), -(-b // len(steps[0]))), replace=False)
+                rows = np.concatenate([steps[i] for i in picked])
+                draws.append(rows[rng.choice(len(rows), min(b, len(rows)), replace=False)].any(0).sum())
             out[b].append(float(np.mean(draws)))
     return out
 
