@@ -2,6 +2,7 @@
 
 import os
 import sys
+import time
 
 import pytest
 
@@ -39,6 +40,7 @@ def test_rss_breakdown_keys_and_sampler():
     with sysmem.PeakRssSampler(interval_s=0.01) as peak:
         block = bytearray(64 * MiB)
         block[::4096] = b"x" * len(block[::4096])
+        time.sleep(0.1)  # the sampler is periodic (10 ms): hold the block across several samples
         del block
     assert peak.peak["RssAnon"] >= rss["RssAnon"] + 48 * MiB
 
