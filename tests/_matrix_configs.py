@@ -88,8 +88,6 @@ OVERRIDES: dict[str, dict] = {
 XFAIL: dict[str | tuple[str, str], str] = {
     "doge": "DogeCDMoE keeps rank-one 'experts' as rows of nn.Embedding tables (down_embed/up_embed) chosen by "
     "product keys: no per-expert MLP weights to offload (UnsupportedModelError)",
-    ("inkling2_text", "per_expert"): "hub-style per-expert keys are joined by Interleave(dim=1) (gate and up rows "
-    "alternate), which is not a byte range per expert; the fused layout works (UnsupportedLayoutError)",
 }
 
 

@@ -111,3 +111,28 @@ def test_missing_shard_and_empty_folder(tmp_path):
     os.makedirs(tmp_path / "empty")
     with pytest.raises(MissingShardError, match="no model.safetensors"):
         checkpoint_files(str(tmp_path / "empty"))
+
+
+def test_interleaved_rows_are_reordered_as_transformers_does(tmp_path):
+    """Inkling 2 stores `w13_weight` with gate and up rows alternating; the slot holds the model's `[gate; up]`."""
+    from _matrix_configs import matrix_config
+    from transformers import AutoModelForCausalLM
+    from transformers.core_model_loading import Interleave
+
+    from hf_moe_offload.adapters import Interleaving
+
+    w = torch.arange(24.0).reshape(6, 4)
+    for inverse in (False, True):
+        want = Interleave(dim=1, inverse=inverse).convert({"k": w[None]}, ["k"], ["t"])["t"][0]
+        assert torch.equal(Interleaving(0, inverse).apply(w), want)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(matrix_config("inkling2_text"), dtype=torch.float32).eval()
+    folder = save_checkpoint(model, str(tmp_path / "hub"), "per_expert")
+    _, layout, keys = inspect_checkpoint(model, folder)
+    assert any(k.endswith("w13_weight") for k in keys), "the hub layout was saved"
+    assert layout.layer_interleave[0][0] == Interleaving(0)
+    slot = torch.empty(layout.slot_nbytes, dtype=torch.uint8)
+    for layer, expert in [(0, 0), (1, 5)]:
+        ExpertStore(layout).read_into(layer, expert, slot)
+        for name, want in _expected(model, layer, expert).items():
+            assert torch.equal(slot_views(slot, layout, layer)[name], want), (layer, expert, name)

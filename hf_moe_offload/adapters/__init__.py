@@ -14,7 +14,7 @@ from .base import (
     list_adapters,
     register_adapter,
 )
-from .conversion import KeyTarget, resolve_expert_keys
+from .conversion import Interleaving, KeyTarget, resolve_expert_keys
 from .discovery import MoEFamily, discover_moe_families
 from .topology import MoETopology, describe_model
 
@@ -28,6 +28,7 @@ __all__ = [
     "register_adapter",
     "ExpertForward",
     "RunExperts",
+    "Interleaving",
     "KeyTarget",
     "resolve_expert_keys",
     "MoEFamily",

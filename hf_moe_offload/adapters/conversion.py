@@ -5,8 +5,10 @@ joined by `MergeModulelist(dim=0)` and, for gate and up, `Concatenate(dim=1)`) o
 saves it: `...mlp.experts.gate_up_proj` of shape `[E, 2I, H]`); families with one module per expert (Switch, NLLB-MoE)
 name each expert's key through their adapter's `expert_keys`. We ask transformers' `rename_source_key` which
 model parameter each key feeds, and describe the answer as a `KeyTarget`: which layer and weight, which expert (or
-`None` for a fused tensor that holds all experts), and which part of a concatenation it is. Byte ranges are worked
-out later from the safetensors headers (storage/layout.py); nothing here reads tensor data.
+`None` for a fused tensor that holds all experts), which part of a concatenation it is, and whether the assembled
+weight's rows are then reordered by an `Interleave` (Inkling 2 stores gate and up rows alternating in
+`w13_weight`). Byte ranges are worked out later from the safetensors headers (storage/layout.py); nothing here reads
+tensor data.
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import (
     Concatenate,
+    Interleave,
     MergeModulelist,
     WeightConverter,
     WeightRenaming,
@@ -27,9 +31,32 @@ from transformers.core_model_loading import (
 from ..errors import UnsupportedLayoutError
 from .topology import MoETopology
 
-__all__ = ["KeyTarget", "resolve_expert_keys"]
+__all__ = ["Interleaving", "KeyTarget", "resolve_expert_keys"]
 
 _EXPERT_INDEX = re.compile(r"(?:^|\.)experts\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class Interleaving:
+    """transformers' `Interleave` applied to one expert's assembled weight (the op's dim less the expert dim).
+
+    `dim` of size n is split into `[n / 2, 2]` and the two axes swapped, so rows `0, 2, 4, ...` come first and
+    `1, 3, 5, ...` follow (gate rows, then up rows); `inverse` splits into `[2, n / 2]` instead (the reverse).
+
+    Attributes:
+        dim: dim of one expert's weight that is reordered.
+        inverse: whether the op is transformers' `Interleave(inverse=True)`.
+    """
+
+    dim: int
+    inverse: bool = False
+
+    def apply(self, w: torch.Tensor) -> torch.Tensor:
+        """`w` (one expert's weight, in the checkpoint's row order) in the model's row order, as a new tensor."""
+        shape = list(w.shape)
+        n = shape[self.dim]
+        shape[self.dim : self.dim + 1] = [2, n // 2] if self.inverse else [n // 2, 2]
+        return w.reshape(shape).transpose(self.dim, self.dim + 1).reshape(w.shape).contiguous()
 
 
 @dataclass(frozen=True)
@@ -42,6 +69,7 @@ class KeyTarget:
         expert: expert index for a per-expert key; `None` when the tensor is fused (`[E, ...]`, slice by expert).
         part: position among the tensors concatenated (dim 0 of one expert's weight) to form `param`.
         num_parts: how many tensors are concatenated (1 when none).
+        interleave: how the concatenated weight's rows are then reordered; None when they are not.
     """
 
     layer: int
@@ -49,20 +77,24 @@ class KeyTarget:
     expert: int | None
     part: int
     num_parts: int
+    interleave: Interleaving | None = None
 
 
-def _check_ops(converter: WeightConverter, model_type: str) -> int:
-    """Validate that the converter only stacks experts and concatenates on dim 1; return the number of parts."""
-    for op in converter.operations:
-        ok = (isinstance(op, MergeModulelist) and op.dim == 0) or (isinstance(op, Concatenate) and op.dim == 1)
-        if not ok:
+def _check_ops(converter: WeightConverter, model_type: str) -> tuple[int, Interleaving | None]:
+    """Validate that the converter only stacks experts, concatenates on dim 1 and, last, interleaves a dim past the
+    expert dim; return the number of parts and the interleaving."""
+    ops, interleave = converter.operations, None
+    for i, op in enumerate(ops):
+        if isinstance(op, Interleave) and op.dim >= 1 and i == len(ops) - 1:
+            interleave = Interleaving(op.dim - 1, op.inverse)
+        elif not ((isinstance(op, MergeModulelist) and op.dim == 0) or (isinstance(op, Concatenate) and op.dim == 1)):
             raise UnsupportedLayoutError(
-                f"{model_type}: the checkpoint's expert weights need the conversion {converter.operations}, but the "
-                f"expert store reads experts by byte range and supports only stacking experts (MergeModulelist(0)) "
-                f"and gate/up concatenation (Concatenate(1)). Re-save the model with transformers>=5 (fused layout) "
-                f"to offload it."
+                f"{model_type}: the checkpoint's expert weights need the conversion {ops}, but the expert store "
+                f"reads experts by byte range and supports only stacking experts (MergeModulelist(0)), gate/up "
+                f"concatenation (Concatenate(1)) and a final row interleave past the expert dim (Interleave(dim>=1)). "
+                f"Re-save the model with transformers>=5 (fused layout) to offload it."
             )
-    return len(converter.source_patterns)
+    return len(converter.source_patterns), interleave
 
 
 def resolve_expert_keys(model: nn.Module, checkpoint_keys: list[str], topology: MoETopology) -> dict[str, KeyTarget]:
@@ -106,6 +138,7 @@ def resolve_expert_keys(model: nn.Module, checkpoint_keys: list[str], topology: 
             out[key] = KeyTarget(layer, param, None, 0, 1)
             continue
         converter = by_pattern[pattern]
-        num_parts = _check_ops(converter, model_type)
-        out[key] = KeyTarget(layer, param, expert, converter.source_patterns.index(pattern), num_parts)
+        num_parts, interleave = _check_ops(converter, model_type)
+        part = converter.source_patterns.index(pattern)
+        out[key] = KeyTarget(layer, param, expert, part, num_parts, interleave)
     return out

@@ -5,17 +5,19 @@ the model's compute dtype. Each weight is filled from one or more *pieces* of th
 one piece; a fused `[E, ...]` tensor gives the slice of expert `e` (a `[E * n, ...]` one its block of n rows);
 gate and up are two pieces concatenated on dim 0. When the stored dtype equals the compute dtype a piece is read
 straight into the slot; a quantized piece (FP8 or MXFP4, see quantized.py) carries its scales' byte range and is
-dequantized into the slot.
+dequantized into the slot. Where transformers' conversion reorders an assembled weight's rows (`Interleave`, e.g.
+Inkling 2's alternating gate/up rows) the pieces are still plain byte ranges: the reader reads them in checkpoint
+order, then reorders the weight in the slot (`ExpertLayout.layer_interleave`).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from ..adapters import ExpertParam, KeyTarget, MoETopology
+from ..adapters import ExpertParam, Interleaving, KeyTarget, MoETopology
 from ..errors import CorruptCheckpointError, UnsupportedLayoutError
 from .quantized import QuantizedWeight, QuantSpec
 from .safetensors_file import TensorInfo
@@ -63,6 +65,8 @@ class ExpertLayout:
     layer_params: dict[int, tuple[ExpertParam, ...]]
     layer_offsets: dict[int, tuple[int, ...]]  # byte offset of each weight inside a slot
     pieces: dict[tuple[int, int], tuple[tuple[Piece, ...], ...]]  # (layer, expert) -> pieces of each weight
+    # layer -> per weight, how its rows are reordered once its pieces are read (None: kept in checkpoint order)
+    layer_interleave: dict[int, tuple[Interleaving | None, ...]] = field(default_factory=dict)
 
     @property
     def files(self) -> list[str]:
@@ -113,6 +117,16 @@ def _quantized_parts(parts, key: str, info: TensorInfo, q: QuantizedWeight, t: K
         parts[(t.layer, e, t.param)][t.part] = (info, info.start + e * per, per, shape, spec)
 
 
+def _interleave_of(layer, p: ExpertParam, interleave: dict[tuple[int, str], Interleaving]) -> Interleaving | None:
+    il = interleave.get((layer.layer, p.name))
+    if il is not None and (il.dim >= len(p.shape) or p.shape[il.dim] % 2):
+        raise UnsupportedLayoutError(
+            f"MoE layer {layer.layer} ({layer.module_name}): the checkpoint interleaves dim {il.dim} of "
+            f"{p.name!r}, but one expert's weight has shape {list(p.shape)}; expected an even size on that dim"
+        )
+    return il
+
+
 def build_layout(
     topology: MoETopology,
     tensors: dict[str, TensorInfo],
@@ -131,17 +145,21 @@ def build_layout(
 
     Raises:
         CorruptCheckpointError: an expert weight is missing from the checkpoint or has the wrong shape.
-        UnsupportedLayoutError: a quantized weight is fused in a way that cannot be sliced per expert.
+        UnsupportedLayoutError: a quantized weight is fused in a way that cannot be sliced per expert, or an
+            interleave does not fit the weight's per-expert shape.
     """
     quantized = quantized or {}
     # (layer, expert, param) -> {part: (info, offset, nbytes, part_shape, quant)}
     parts: dict[tuple[int, int, str], dict[int, tuple]] = defaultdict(dict)
     num_parts: dict[tuple[int, str], int] = {}
+    interleave: dict[tuple[int, str], Interleaving] = {}
     layers = {layer.layer: layer for layer in topology.layers}
     for key, t in key_targets.items():
         info = tensors[key]
         q = quantized.get(key)
         num_parts[(t.layer, t.param)] = t.num_parts
+        if t.interleave is not None:
+            interleave[(t.layer, t.param)] = t.interleave
         if q is not None:
             _quantized_parts(parts, key, info, q, t, layers[t.layer], block_size)
             continue
@@ -160,6 +178,11 @@ def build_layout(
                     f"{info.file}: {key} has shape {list(info.shape)}; expected dim 0 to hold {n_exp} experts "
                     f"({n_exp} or a multiple of it)"
                 )
+            if info.shape[0] != n_exp and t.interleave is not None:  # the op's dims are not `[E, ...]` ones
+                raise UnsupportedLayoutError(
+                    f"{key}: expert weight {list(info.shape)} holds blocks of rows per expert and is interleaved "
+                    f"on load; hf_moe_offload reorders only weights stored as [E, ...] or per expert"
+                )
             per = info.nbytes // n_exp
             shape = info.shape[1:] if info.shape[0] == n_exp else (info.shape[0] // n_exp, *info.shape[1:])
             for e in range(n_exp):
@@ -167,11 +190,12 @@ def build_layout(
         else:
             parts[(t.layer, t.expert, t.param)][t.part] = (info, info.start, info.nbytes, info.shape, None)
 
-    layer_params, layer_offsets, slot_nbytes = {}, {}, 0
+    layer_params, layer_offsets, layer_interleave, slot_nbytes = {}, {}, {}, 0
     pieces: dict[tuple[int, int], tuple[tuple[Piece, ...], ...]] = {}
     for layer in topology.layers:
         offsets, size = _slot_offsets(layer.params)
         layer_params[layer.layer], layer_offsets[layer.layer] = layer.params, offsets
+        layer_interleave[layer.layer] = tuple(_interleave_of(layer, p, interleave) for p in layer.params)
         slot_nbytes = max(slot_nbytes, size)
         for e in range(layer.num_experts):
             per_param = []
@@ -196,4 +220,4 @@ def build_layout(
                     )
                 per_param.append(tuple(ps))
             pieces[(layer.layer, e)] = tuple(per_param)
-    return ExpertLayout(slot_nbytes, layer_params, layer_offsets, pieces)
+    return ExpertLayout(slot_nbytes, layer_params, layer_offsets, pieces, layer_interleave)

@@ -6,7 +6,8 @@ cache keeps of those bytes is a second copy of experts we already hold, so by de
 range is dropped from the page cache after the read; `"direct"` opens the files with `O_DIRECT` (aligned reads
 through a small per-thread bounce buffer) and never fills the page cache; `"cached"` leaves it alone. The store is
 thread-safe: file descriptors are shared, scratch buffers are per thread. A quantized piece (FP8, MXFP4) is read
-with its scales and dequantized into the slot (quantized.py).
+with its scales and dequantized into the slot (quantized.py). A weight whose rows the checkpoint interleaves is
+reordered in the slot once all its pieces are in (one in-memory copy of that weight).
 """
 
 from __future__ import annotations
@@ -131,9 +132,11 @@ class ExpertStore:
         if self._closed:
             raise RuntimeError("ExpertStore is closed")
         slot_np = slot.numpy()
+        params = self.layout.layer_params[layer]
+        interleave = self.layout.layer_interleave.get(layer) or (None,) * len(params)
         total = 0
-        for p, off, pieces in zip(
-            self.layout.layer_params[layer], self.layout.layer_offsets[layer], self.layout.pieces[(layer, expert)]
+        for p, off, pieces, il in zip(
+            params, self.layout.layer_offsets[layer], self.layout.pieces[(layer, expert)], interleave
         ):
             item = p.nbytes // max(1, _numel(p.shape))
             for piece in pieces:
@@ -149,6 +152,9 @@ class ExpertStore:
                     src = torch.from_numpy(raw).view(piece.src_dtype)
                     slot[start : start + piece.numel * item].view(p.dtype).copy_(src)
                 total += piece.nbytes
+            if il is not None:
+                w = slot[off : off + p.nbytes].view(p.dtype).view(p.shape)
+                w.copy_(il.apply(w))
         return total
 
     def _read_quantized(self, piece: Piece, dst: torch.Tensor) -> None:
