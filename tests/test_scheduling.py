@@ -133,6 +133,20 @@ def test_distinct_from_trace_and_plan_uses_it():
     assert uniform.candidates[1].distinct[0] == pytest.approx(expected_distinct(32, 8, 2))
 
 
+def test_distinct_from_a_batch_trace_mapped_to_a_bigger_model():
+    # Recorded at batch 4 (one decode token per sequence per step): sequences 0-1 use experts {0, 1}, 2-3 use
+    # {2, 3}. Batch 2 = two random sequences of one step (2 or 4 experts); batch 4 = all of them.
+    rows = np.array([[0, 1], [0, 1], [2, 3], [2, 3]])
+    chunks = [(s, 0, rows, np.full((4, 2), 0.5)) for s in range(6)]
+    trace = RoutingTrace.concat(1, 4, 2, chunks, {"batch": 4})
+    curve = distinct_from_trace(trace, (1, 2, 4), samples=64)
+    assert curve[4] == [4.0]
+    assert 2.0 <= curve[2][0] <= 4.0 and curve[1] == [2.0]
+    # mapped to 8 experts, top-4 (each recorded expert owns a block of 2): every count doubles
+    mapped = distinct_from_trace(trace, (1, 4), samples=64, num_experts=8, top_k=4)
+    assert mapped[1] == [4.0] and mapped[4] == [8.0]
+
+
 # -- the planner's choices ---------------------------------------------------------------------------------------
 
 
