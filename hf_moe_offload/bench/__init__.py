@@ -1,5 +1,6 @@
-"""Benchmark building blocks: random checkpoints (`synth`), honest memory and page-cache measurement (`sysmem`),
-and the batch-1 decode benchmark against accelerate (`decode_bench`, `decode_report`).
+"""Benchmark building blocks: random checkpoints (`synth`, `presets`), honest memory and page-cache measurement
+(`sysmem`), bandwidth limits (`limits`), the worker process and step timer (`decode_bench`), and the scenarios of
+`hf-moe-offload bench` (`scenario_bench`, `scenario_worker`, `scenario_report`).
 
 Nothing is imported here: each module imports what it needs (`sysmem` only the standard library).
 """
