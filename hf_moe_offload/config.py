@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -47,12 +48,15 @@ class Budget:
         return format_bytes(self.nbytes) if self.nbytes is not None else f"{self.fraction * 100:g}% of expert bytes"
 
 
-def format_bytes(n: int | float) -> str:
-    """Human form of a byte count, e.g. `1.50 GiB`."""
+def format_bytes(n: int | float, round_up: bool = False) -> str:
+    """Human form of a byte count, e.g. `1.50 GiB`; `round_up` rounds the last digit up (for a minimum, so that
+    the printed value is itself enough)."""
     n = float(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+            if unit == "B":
+                return f"{math.ceil(n) if round_up else n:.0f} {unit}"
+            return f"{math.ceil(n * 100) / 100 if round_up else n:.2f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
 

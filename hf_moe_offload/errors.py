@@ -17,6 +17,8 @@ __all__ = [
     "UnknownNameError",
     "MissingShardError",
     "CorruptCheckpointError",
+    "UnsupportedFeatureError",
+    "OffloadStateError",
 ]
 
 
@@ -57,3 +59,11 @@ class MissingShardError(OffloadError, FileNotFoundError):
 
 class CorruptCheckpointError(OffloadError, ValueError):
     """A safetensors file is truncated or its header is malformed."""
+
+
+class UnsupportedFeatureError(OffloadError, NotImplementedError):
+    """A transformers feature that cannot work on offloaded experts by design (the message says what to do)."""
+
+
+class OffloadStateError(OffloadError, RuntimeError):
+    """An offloaded model was used in a state that cannot serve it (e.g. after its engine was closed)."""

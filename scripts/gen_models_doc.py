@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """Write docs/models.md: every MoE model type of the installed transformers, offloaded exactly or not, and why.
 
-Runs the fidelity matrix's own cases (tests/_matrix_configs.py) without pytest: for each MoE type with a causal-LM or
-seq2seq Auto class, a tiny model is built, saved in every checkpoint layout and loaded with `offload_config`; it is
-"supported" when the offloaded model gives the normal model's logits (atol 1e-4) and greedy tokens with cache misses
-and evictions. Other types (multimodal wrappers, sub-model configs, encoders) are listed as not checked, with why.
+Runs the fidelity matrix's own cases (`hf_moe_offload.testing.matrix`) without pytest: for each MoE type with a
+causal-LM or seq2seq Auto class, a tiny model is built, saved in every checkpoint layout and loaded with
+`offload_config`; it is "supported" when the offloaded model gives the normal model's logits (atol 1e-4) and
+greedy tokens with cache misses and evictions. Other types (multimodal wrappers, sub-model configs, encoders) are
+listed as not checked, with why.
 
     python scripts/gen_models_doc.py                 # writes docs/models.md, prints one line per case
     python scripts/gen_models_doc.py mixtral dbrx    # only these types, print only (no file written)
@@ -22,15 +23,14 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from _matrix_configs import LAYOUTS, XFAIL, matrix_types, reference, run_case, xfail_reason  # noqa: E402
 
 import hf_moe_offload  # noqa: E402, F401
 from hf_moe_offload.adapters.discovery import discover_moe_families  # noqa: E402
+from hf_moe_offload.testing import LAYOUTS, XFAIL, matrix_types, reference, run_case, xfail_reason  # noqa: E402
 
 __all__ = ["main", "run_matrix", "render"]
 

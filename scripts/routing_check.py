@@ -3,11 +3,13 @@
 
 Runs the model once on the held-out windows shipped in ``heldout_samples.json`` (8 x 256 tokens of held-out State
 of the Union speeches and 8 x 256 tokens of held-out Python stdlib source; see ``scripts/build_tiny_model.py``)
-and reports, per MoE layer (see ``hf_moe_offload.bench.routing_stats``):
+and records its routing (``hf_moe_offload.integration.tracing.record_routing``). It reports, per MoE layer (see
+``hf_moe_offload.bench.routing_stats``):
 
 * load entropy over experts (normalised to [0, 1]) and the share of routed token-slots on the busiest expert;
 * recall of layer ``l + 1``'s top-k experts when its router is applied to layer ``l``'s MoE input;
-* LRU hit rates with 2 and 4 cached experts per layer, decoding each sequence token by token from a cold cache;
+* LRU hit rates with 2 and 4 cached experts per layer, decoding each sequence token by token from a cold cache
+  (the cache's own LRU policy replayed on the trace: ``hf_moe_offload.prefetch.trace.simulate_cache``);
 * Jensen-Shannon divergence between the two domains' expert loads.
 
 Prints a table, writes ``<model>/routing_check.json`` and exits non-zero if a threshold fails::
@@ -35,6 +37,7 @@ try:
 except ImportError:  # run from a checkout without the package installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from hf_moe_offload.bench import routing_stats as rs
+from hf_moe_offload.integration.tracing import record_routing  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO / "models" / "moe-tiny"
@@ -66,9 +69,9 @@ def run_routing_check(
     model.eval()
     input_ids, domains = load_samples(model_dir)
     t0 = time.perf_counter()
-    blocks = rs.moe_layers(model)
-    trace = rs.record_routing(model, input_ids, blocks=blocks)
-    report = rs.routing_report(trace, [b.gate for b in blocks], capacities=(2, 4), domains=domains)
+    with record_routing(model, meta={"batch": int(input_ids.shape[0])}) as rec, torch.no_grad():
+        model(input_ids=input_ids)
+    report = rs.routing_report(rec.trace(), capacities=(2, 4), domains=domains)
     report["seconds"] = round(time.perf_counter() - t0, 2)
     report["model_dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
     report["domains"] = {name: len(rows) for name, rows in domains.items()}

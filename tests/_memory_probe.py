@@ -6,17 +6,17 @@ import os
 import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, os.path.dirname(__file__))
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
 transformers.logging.set_verbosity_error()
-from _models import build_tiny, save_checkpoint  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 import hf_moe_offload  # noqa: E402,F401
-from hf_moe_offload.bench.sysmem import PeakRssSampler, evict_page_cache, page_cache_resident_bytes  # noqa: E402
+from hf_moe_offload.bench.sysmem import PeakRssSampler, page_cache_resident_bytes  # noqa: E402
+from hf_moe_offload.scheduling.profile import evict_page_cache  # noqa: E402
+from hf_moe_offload.testing import build_tiny, save_checkpoint  # noqa: E402
 
 mode, folder = sys.argv[1], sys.argv[2]
 if not os.path.exists(os.path.join(folder, "config.json")):

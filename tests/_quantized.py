@@ -12,11 +12,11 @@ import json
 import os
 
 import torch
-from _models import build_tiny
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from hf_moe_offload.storage.quantized import FP4_VALUES
+from hf_moe_offload.testing import build_tiny
 
 __all__ = ["FP8_BLOCK", "quantize_fp8", "quantize_mxfp4", "save_fp8_deepseek", "save_mxfp4_gpt_oss"]
 

@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import transformers  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(__file__))
 transformers.logging.set_verbosity_error()
 
-from _models import build_tiny, save_checkpoint  # noqa: E402
-
 import hf_moe_offload  # noqa: E402,F401  (installs the hooks, as a user's import does)
+from hf_moe_offload.testing import build_tiny, save_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session")

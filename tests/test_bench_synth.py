@@ -7,7 +7,8 @@ import torch
 from safetensors import safe_open
 from transformers import MixtralForCausalLM
 
-from hf_moe_offload.bench.synth import synthesize_from_config, synthesize_mixtral, tiny_mixtral_config
+from hf_moe_offload.bench.synth import synthesize_from_config, synthesize_mixtral
+from hf_moe_offload.testing import tiny_mixtral_config
 
 
 @pytest.fixture(scope="module")

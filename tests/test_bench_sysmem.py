@@ -1,4 +1,5 @@
-"""`hf_moe_offload.bench.sysmem`: page-cache eviction and residency, RSS split, memory cgroups, bandwidth."""
+"""`hf_moe_offload.bench.sysmem`: page-cache residency (after `scheduling.profile.evict_page_cache`), RSS split,
+process I/O, memory cgroups. The disk bandwidth is tested with the profile (test_scheduling.py)."""
 
 import os
 import sys
@@ -7,6 +8,7 @@ import time
 import pytest
 
 from hf_moe_offload.bench import sysmem
+from hf_moe_offload.scheduling.profile import evict_page_cache
 
 MiB = 1024**2
 
@@ -19,17 +21,17 @@ def data_file(tmp_path):
 
 
 def test_evict_then_read_changes_residency(data_file):
-    assert sysmem.evict_page_cache(data_file) == 8 * MiB
+    assert evict_page_cache(data_file) == 8 * MiB
     assert sysmem.page_cache_resident_bytes(data_file) <= MiB // 8  # a few pages may come back (readahead, fs)
     data_file.read_bytes()
     assert sysmem.page_cache_resident_bytes(data_file) > 7 * MiB
-    sysmem.evict_page_cache(data_file.parent)  # a directory covers every file under it
+    evict_page_cache(data_file.parent)  # a directory covers every file under it
     assert sysmem.page_cache_resident_bytes(data_file.parent) <= MiB // 8
 
 
 def test_missing_path_raises(tmp_path):
     with pytest.raises(FileNotFoundError):
-        sysmem.evict_page_cache(tmp_path / "nope")
+        evict_page_cache(tmp_path / "nope")
 
 
 def test_rss_breakdown_keys_and_sampler():
@@ -45,9 +47,12 @@ def test_rss_breakdown_keys_and_sampler():
     assert peak.peak["RssAnon"] >= rss["RssAnon"] + 48 * MiB
 
 
-def test_measure_disk_bandwidth_is_positive(data_file):
-    assert sysmem.measure_disk_bandwidth(data_file, block=MiB) > 0
-    assert sysmem.measure_disk_bandwidth(data_file, block=MiB, cold=False, max_bytes=4 * MiB) > 0
+def test_process_io_counts_bytes_read(data_file):
+    before = sysmem.process_io()
+    data_file.read_bytes()
+    after = sysmem.process_io()
+    assert after["read_chars"] >= before["read_chars"] + 8 * MiB  # read() calls, page-cache hits included
+    assert sysmem.process_io(os.getpid()).keys() == after.keys()
 
 
 def _cgroup_or_skip():

@@ -39,7 +39,7 @@ def _last_json(out: str) -> dict:
 
 @pytest.fixture(scope="module")
 def tiny_with_tokenizer(tmp_path_factory, mixtral_model):
-    from _models import char_tokenizer, save_checkpoint
+    from hf_moe_offload.testing import char_tokenizer, save_checkpoint
 
     folder = save_checkpoint(mixtral_model, str(tmp_path_factory.mktemp("tiny_tok")), "per_expert")
     char_tokenizer().save_pretrained(folder)

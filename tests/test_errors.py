@@ -4,7 +4,6 @@ import os
 
 import pytest
 import torch
-from _models import build_tiny, save_checkpoint
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MixtralForCausalLM
 
 import hf_moe_offload
@@ -18,6 +17,7 @@ from hf_moe_offload import (
 )
 from hf_moe_offload.integration import loading
 from hf_moe_offload.storage import checkpoint_files
+from hf_moe_offload.testing import build_tiny, save_checkpoint
 
 
 def _no_partial_state():

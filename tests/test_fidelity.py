@@ -3,8 +3,9 @@ at a budget small enough that experts are missed and evicted."""
 
 import pytest
 import torch
-from _models import FAMILIES, build_tiny, save_checkpoint
 from transformers import AutoModelForCausalLM
+
+from hf_moe_offload.testing import FAMILIES, build_tiny, save_checkpoint
 
 LAYOUTS = ["per_expert", "fused"]
 

@@ -1,7 +1,7 @@
 """Every causal-LM and seq2seq MoE type that transformers ships, offloaded vs normal, in every checkpoint layout.
 
 One case per (model type, layout), id `model_type-layout`: a tiny fp32 model built from the type's own default
-config (tests/_matrix_configs.py), saved per-expert (`save_pretrained`, as on the hub) and fused (the state dict),
+config (hf_moe_offload/testing/matrix.py), saved per-expert (`save_pretrained`, as on the hub) and fused (the state dict),
 loaded with `offload_config=` and a cache of top-k + 1 experts. The offloaded logits must match within 1e-4, six
 greedy tokens must be identical, and the cache must have missed and evicted. Types that cannot be offloaded are
 `xfail(strict=True)` entries of `XFAIL` with the reason, so a fix fails the run until the entry goes.
@@ -12,9 +12,9 @@ from __future__ import annotations
 import os
 
 import pytest
-from _matrix_configs import LAYOUTS, XFAIL, matrix_types, reference, run_case, xfail_reason
 
 from hf_moe_offload.adapters.discovery import UNDECORATED, decorated_experts_classes, discover_moe_families
+from hf_moe_offload.testing import LAYOUTS, XFAIL, matrix_types, reference, run_case, xfail_reason
 
 _TYPES = matrix_types()
 

@@ -2,8 +2,9 @@
 
 import pytest
 import torch
-from _models import char_tokenizer
 from transformers import AutoModelForCausalLM, MixtralForCausalLM, TextIteratorStreamer, pipeline
+
+from hf_moe_offload.testing import char_tokenizer
 
 SMALL = {"host_budget": "30%"}  # 4 of 16 experts: misses and evictions on every step
 

@@ -12,7 +12,7 @@ import hf_moe_offload
 
 PKG = pathlib.Path(hf_moe_offload.__file__).parent
 # Lower layers never import transformers: only these may.
-MAY_IMPORT_TRANSFORMERS = {"adapters", "integration", "cli", "bench"}
+MAY_IMPORT_TRANSFORMERS = {"adapters", "integration", "testing", "cli", "bench"}
 ORDER = [
     "errors",
     "registry",
@@ -22,7 +22,9 @@ ORDER = [
     "cache",
     "prefetch",
     "scheduling",
+    "execution",
     "integration",
+    "testing",
     "bench",
     "cli",
 ]

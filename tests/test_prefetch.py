@@ -7,13 +7,13 @@ import time
 import numpy as np
 import pytest
 import torch
-from _models import build_tiny, save_checkpoint
 from transformers import AutoModelForCausalLM, LogitsProcessorList, MinLengthLogitsProcessor
 
 from hf_moe_offload import UnknownNameError
 from hf_moe_offload.cache.loader import PriorityLoader
-from hf_moe_offload.integration.engine import CORRELATION_FILE
+from hf_moe_offload.integration.plan import CORRELATION_FILE
 from hf_moe_offload.prefetch import CorrelationPredictor, GateLookahead, HistoryPredictor, RoutingTrace, make_predictor
+from hf_moe_offload.testing import build_tiny, save_checkpoint
 
 
 class _Job:

@@ -1,9 +1,10 @@
 """Scheduling: the planner's cost model on hand-computable cases, its routing and cache models against Monte-Carlo,
-the planner's constraints, Fiddler's placement rule, the token scheduler, profiles, `mode="auto"` values and
-`hf-moe-offload plan`."""
+the planner's constraints, Fiddler's placement rule, the token scheduler, profiles and their bandwidth measurements,
+`mode="auto"` values and `hf-moe-offload plan` (which reserve the same bytes)."""
 
+import dataclasses
 import json
-from collections import OrderedDict
+import os
 
 import numpy as np
 import pytest
@@ -12,13 +13,16 @@ import torch
 from hf_moe_offload import OffloadConfig
 from hf_moe_offload.cli.main import main as cli_main
 from hf_moe_offload.prefetch import RoutingTrace
+from hf_moe_offload.prefetch.trace import simulate_cache
 from hf_moe_offload.scheduling.auto import auto_config, resolve_auto
+from hf_moe_offload.scheduling.model_plan import plan_for_model, shape_for_model
 from hf_moe_offload.scheduling.planner import (
     ModelShape,
     distinct_from_trace,
     estimate_step,
     expected_distinct,
-    lru_hit_rate,
+    expected_lru_hit_rate,
+    lower_bound,
     place_expert,
     plan,
 )
@@ -26,12 +30,14 @@ from hf_moe_offload.scheduling.profile import (
     HardwareProfile,
     LinearFit,
     canonical_dims,
+    measure_h2d_bandwidth,
     measure_profile,
     measure_read_bandwidth,
 )
 from hf_moe_offload.scheduling.token_scheduler import group_sequences, routing_signature
 
 MB = 10**6
+MiB = 2**20
 
 
 def _profile(a=0.5e-3, b=0.0, disk=1e9, nbytes=MB, device=None) -> HardwareProfile:
@@ -68,6 +74,14 @@ def test_compute_bound_layer_has_no_bubble():
     assert c.bubble_fraction == pytest.approx(0.0)
 
 
+def test_each_layer_costs_the_roofline_bound():
+    assert lower_bound(1e-3, 2 * MB, 1e9) == pytest.approx(2e-3)  # transfer-bound
+    assert lower_bound(3e-3, 2 * MB, 1e9, 4 * MB, 1e9) == pytest.approx(4e-3)  # host -> device bound
+    assert lower_bound(5e-3, None, 1e9) == 5e-3 and lower_bound(None, 2 * MB, None) is None
+    c = estimate_step(_profile(), SHAPE, 1, compute_slots=2, distinct=[2, 2, 2, 2], hit_rate=0.5)
+    assert c.step_s == pytest.approx(4 * lower_bound(c.compute_s[0], 2 * 0.5 * MB, 1e9))
+
+
 def test_dense_time_streams_weights_once_and_reads_each_kv_cache():
     p = _profile()
     p.cpu_mem_Bps = 1e9
@@ -89,32 +103,26 @@ def test_expected_distinct_matches_monte_carlo(batch, experts, k):
     assert expected_distinct(batch, experts, k) == pytest.approx(np.mean(draws), rel=0.03)
 
 
-def _lru_sim(layers, experts, k, batch, capacity, steps=400, seed=0) -> float:
-    rng, lru, hits, total = np.random.default_rng(seed), OrderedDict(), 0, 0
-    for step in range(steps):
-        for layer in range(layers):
-            used = {int(e) for _ in range(batch) for e in rng.choice(experts, k, replace=False)}
-            for e in sorted(used):
-                key, hit = (layer, e), (layer, e) in lru
-                if step >= 50:
-                    hits, total = hits + hit, total + 1
-                lru[key] = True
-                lru.move_to_end(key)
-                if len(lru) > capacity:
-                    lru.popitem(last=False)
-    return hits / total
+def _uniform_trace(layers, experts, k, batch, steps=400, seed=0) -> RoutingTrace:
+    """Decode steps of `batch` tokens, each routed to `k` distinct experts drawn uniformly, at every layer."""
+    rng = np.random.default_rng(seed)
+    chunks = [(step, layer, np.stack([rng.choice(experts, k, replace=False) for _ in range(batch)]), np.ones((batch, k)))
+              for step in range(steps) for layer in range(layers)]  # fmt: skip
+    return RoutingTrace.concat(layers, experts, k, chunks, {"batch": batch})
 
 
 @pytest.mark.parametrize("layers,experts,k,batch,capacity", [(8, 8, 2, 1, 32), (8, 8, 2, 4, 48), (4, 8, 2, 4, 16)])
-def test_lru_hit_rate_model_matches_simulation(layers, experts, k, batch, capacity):
-    model = lru_hit_rate(capacity, layers, experts, expected_distinct(batch, experts, k))
-    assert model == pytest.approx(_lru_sim(layers, experts, k, batch, capacity), abs=0.05)
+def test_expected_lru_hit_rate_matches_simulation(layers, experts, k, batch, capacity):
+    model = expected_lru_hit_rate(capacity, layers, experts, expected_distinct(batch, experts, k))
+    # the cache's own LRU policy, one cache shared by every layer, after 50 warm-up steps
+    hits, lookups = simulate_cache(_uniform_trace(layers, experts, k, batch), capacity, "lru", count_from=50)
+    assert model == pytest.approx(hits / lookups, abs=0.05)
 
 
-def test_lru_hit_rate_limits():
-    assert lru_hit_rate(64, 8, 8, 2.0) == 1.0  # everything fits
-    assert lru_hit_rate(10, 8, 8, 2.0) == 0.0  # one step's 16 experts exceed the cache: LRU thrashes
-    assert lru_hit_rate(63, 8, 8, 8.0) == 0.0  # every expert every step: a cyclic scan
+def test_expected_lru_hit_rate_limits():
+    assert expected_lru_hit_rate(64, 8, 8, 2.0) == 1.0  # everything fits
+    assert expected_lru_hit_rate(10, 8, 8, 2.0) == 0.0  # one step's 16 experts exceed the cache: LRU thrashes
+    assert expected_lru_hit_rate(63, 8, 8, 8.0) == 0.0  # every expert every step: a cyclic scan
 
 
 def test_distinct_from_trace_and_plan_uses_it():
@@ -282,11 +290,36 @@ def test_profile_measures_and_round_trips(tmp_path):
                         token_counts=(1, 4, 16), repeats=2)  # fmt: skip
     assert (p.hidden_size, p.intermediate_size, p.expert_nbytes) == (32, 32, 3 * 32 * 32 * 4)
     assert p.disk_read_Bps > 0 and p.cpu_mem_Bps > 0 and len(p.cpu_fit.points) == 3 and not p.has_device
+    assert p.disk_samples_Bps == [p.disk_read_Bps]
     path = tmp_path / "profile.json"
     p.save(path)
     back = HardwareProfile.load(path)
     assert back == p and json.dumps(back.to_dict()) == json.dumps(p.to_dict())
     assert back.cpu_expert_seconds(8) == pytest.approx(p.cpu_expert_seconds(8))
+
+
+def test_read_bandwidth_of_a_file_and_a_folder(tmp_path):
+    data = tmp_path / "data.bin"
+    data.write_bytes(os.urandom(8 * MiB))
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "more.bin").write_bytes(os.urandom(2 * MiB))
+    assert measure_read_bandwidth(data, block=MiB)[0] > 0
+    assert measure_read_bandwidth(data, block=MiB, max_bytes=4 * MiB)[1] > 0
+    cold, warm = measure_read_bandwidth(tmp_path, block=MiB)  # a folder: every file under it
+    assert cold > 0 and warm > 0
+    assert measure_h2d_bandwidth("cpu") is None  # no accelerator, nothing to copy to
+
+
+def test_profile_combines_cold_samples_by_its_statistic():
+    p = _profile(disk=1e9)
+    p.disk_samples_Bps = [1e9]
+    p.add_disk_sample(0.5e9)
+    assert p.disk_read_Bps == 1e9  # the fastest: the bound stays a lower bound on a drifting disk
+    p.add_disk_sample(2e9)
+    assert p.disk_read_Bps == 2e9 and "[samples 1.00, 0.50, 2.00]" in p.describe()
+    p.meta["statistic"] = "median"
+    p.add_disk_sample(0.4e9)
+    assert p.disk_read_Bps == pytest.approx(0.75e9)
 
 
 # -- mode="auto" -------------------------------------------------------------------------------------------------
@@ -328,3 +361,33 @@ def test_plan_command_prints_table_and_json(mixtral_dir, tmp_path, capsys):
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert code == 1 and record["feasible"] is False and record["reason"].startswith("latency")
     assert cli_main(["plan", mixtral_dir, "--memory", "25%", "--profile", str(profile)]) == 2
+
+
+def test_plan_and_auto_reserve_the_same_bytes(mixtral_dir, tmp_path, capsys):
+    # The same memory, batch and context: `plan` and `mode="auto"` (auto_config as loading calls it, the model's
+    # config.json found beside the sample file) both keep the dense weights and the KV cache out of the memory.
+    from hf_moe_offload.cli.inspect_cmd import inspect_path
+    from hf_moe_offload.storage import checkpoint_files
+
+    info = inspect_path(mixtral_dir)
+    expert = info["bytes_per_expert"]
+    with open(os.path.join(mixtral_dir, "config.json")) as f:
+        config = json.load(f)
+    shape, kv = shape_for_model(info, config)
+    seq = 512 * kv
+    memory = info["other_bytes"] + seq + 7 * expert + 100  # 7 slots once the KV is kept, 10 if it were forgotten
+    profile = _profile(nbytes=expert)
+    profile.save(tmp_path / "p.json")
+    code = cli_main(["plan", mixtral_dir, "--memory", str(memory), "--profile", str(tmp_path / "p.json"),
+                     "--batches", "1", "--context", "512"])  # fmt: skip
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == 0 and record["inputs"]["seq_bytes"] == seq > 3 * expert
+    assert record["inputs"]["model"] == dataclasses.asdict(shape) and shape.embedding_nbytes > 0
+    assert record["host_budget_bytes"] == 7 * expert
+
+    sample = max(checkpoint_files(mixtral_dir), key=os.path.getsize)
+    cfg = auto_config(OffloadConfig(mode="auto", device="cpu"), info, sample_file=sample, device="cpu",
+                      profile=profile, host_memory_bytes=memory, reserve_fraction=0.0, context=512)  # fmt: skip
+    assert cfg.host_budget.nbytes == record["host_budget_bytes"]
+    direct = plan_for_model(profile, info, memory, model_config=config, batch_candidates=(1,))
+    assert direct.host_budget_bytes == record["host_budget_bytes"] and direct.inputs["seq_bytes"] == seq

@@ -2,6 +2,7 @@
 
 The model is built by ``scripts/build_tiny_model.py``; its routing is checked by ``scripts/routing_check.py``.
 These tests load it offline with plain transformers (no offloading), generate, and re-run the routing check.
+The recorder and the cache simulation the statistics build on are specified in ``tests/test_routing.py``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from hf_moe_offload.bench import routing_stats as rs  # noqa: E402
+from hf_moe_offload.integration.tracing import record_routing  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_DIR = REPO / "models" / "moe-tiny"
@@ -67,32 +69,6 @@ def test_topk_recall():
     assert rs.topk_recall([[4, 6]], [[5, 7]]) == 0.0
 
 
-def test_lru_hits_by_hand():
-    seq = [[0, 1], [0, 1], [2, 3], [0, 1]]
-    # C=2: token 1 hits both; token 2 evicts {0, 1}; token 3 misses both -> 2 hits / 8 lookups.
-    assert rs.lru_hits(seq, 2) == (2, 8)
-    # C=4: {0, 1} survive token 2 -> token 3 hits both.
-    assert rs.lru_hits(seq, 4) == (4, 8)
-    # C=2, overlapping sets: t0 miss 0,1; t1 hit 1, miss 2 (evicts 0); t2 hit 2, miss 0 -> 2 / 6.
-    assert rs.lru_hits([[0, 1], [1, 2], [2, 0]], 2) == (2, 6)
-    # C=3 keeps {0, 1, 2} -> t2 hits both -> 3 / 6.
-    assert rs.lru_hit_rate([[0, 1], [1, 2], [2, 0]], 3) == pytest.approx(0.5)
-
-
-def test_lru_recency_not_insertion_order():
-    # C=3. t0 [0, 1]: 0 hits, cache (old -> new) 0 1. t1 [2, 0]: hit 0 -> 1 2 0. t2 [0, 3]: hit 0, 3 evicts 1
-    # (least recently used; FIFO would evict 0, inserted first) -> 2 0 3. t3 [0, 2]: both hit. 4 hits / 8 lookups.
-    assert rs.lru_hits([[0, 1], [2, 0], [0, 3], [0, 2]], 3) == (4, 8)
-
-
-def test_lru_edge_cases():
-    assert rs.lru_hits([[1, 1], [1, 1]], 2) == (1, 2)  # duplicates within a token count once
-    # every sequence starts cold: two one-token sequences never hit
-    assert rs.lru_hit_rate(np.array([[[0, 1]], [[0, 1]]]), 2) == 0.0
-    with pytest.raises(ValueError):
-        rs.lru_hits([[0, 1, 2]], 2)  # a token's experts must fit in the cache
-
-
 def _tiny_random_mixtral(layers: int = 3, experts: int = 4):
     from transformers import MixtralConfig, MixtralForCausalLM
 
@@ -113,24 +89,32 @@ def _tiny_random_mixtral(layers: int = 3, experts: int = 4):
 
 def test_record_routing_and_report_on_random_model():
     model = _tiny_random_mixtral()
-    blocks = rs.moe_layers(model)
-    gates = [b.gate for b in blocks]
+    blocks = [layer.mlp for layer in model.model.layers]
+    inputs = {}
+    taps = [b.register_forward_pre_hook(lambda m, a, i=i: inputs.setdefault(i, a[0])) for i, b in enumerate(blocks)]
     ids = torch.randint(0, 64, (3, 10), generator=torch.Generator().manual_seed(0))
-    trace = rs.record_routing(model, ids, blocks=blocks)
+    with record_routing(model, meta={"batch": 3}) as rec, torch.no_grad():
+        model(input_ids=ids)
+    for tap in taps:
+        tap.remove()
+    trace = rec.trace()
     assert trace.num_layers == 3 and trace.num_experts == 4 and trace.top_k == 2
-    assert trace.topk_index[0].shape == (3, 10, 2)
-    assert trace.moe_inputs[0].shape == (3, 10, 32)
-    for layer in range(3):
-        # a layer's own router on its own recorded input reproduces its recorded choice
-        own = rs.predict_topk(gates[layer], trace.moe_inputs[layer])
-        assert rs.topk_recall(own, trace.topk_index[layer]) == 1.0
-    recalls = rs.next_layer_recall(trace, gates)
+    assert trace.rows(0, 0)[0].shape == (30, 2) and trace.lookahead is not None
+    with torch.no_grad():
+        for layer, block in enumerate(blocks):
+            # a layer's own router on its own input reproduces the recorded choice
+            own = block.gate(inputs[layer].reshape(-1, 32))[2]
+            assert rs.topk_recall(own, trace.rows(0, layer)[0]) == 1.0
+            if layer:  # the recorded lookahead is the next router on the previous layer's input
+                ahead = block.gate(inputs[layer - 1].reshape(-1, 32))[2]
+                assert rs.topk_recall(ahead, trace.lookahead_rows(0, layer - 1)) == 1.0
+    recalls = rs.next_layer_recall(trace)
     assert len(recalls) == 2 and all(0.0 <= r <= 1.0 for r in recalls)
     # hooks are gone afterwards
-    assert not any(b.gate._forward_hooks or b._forward_pre_hooks for b in blocks)
+    assert not any(b.experts._forward_pre_hooks or b._forward_pre_hooks for b in blocks)
 
-    report = rs.routing_report(trace, gates, capacities=(2, 3), domains={"a": [0, 1], "b": [2]})
-    assert report["tokens"] == 30 and len(report["layers"]) == 3
+    report = rs.routing_report(trace, capacities=(2, 3), domains={"a": [0, 1], "b": [2]})
+    assert report["tokens"] == 30 and report["sequences"] == 3 and len(report["layers"]) == 3
     assert sum(report["layers"][0]["load"]) == 60
     assert report["layers"][-1]["next_layer_recall"] is None
     assert report["summary"]["uniform_lru_baseline"] == {"c2": 0.5, "c3": 0.75}
@@ -218,8 +202,3 @@ def test_shipped_model_routing_check_passes():
     assert min(recalls[1:]) >= MIN_LATER_LAYER_RECALL, recalls
     # learned routing: a cache beats the uniform-routing baseline (C / E)
     assert report["summary"]["lru_hit_c2"]["mean"] > 2 / 16
-
-
-def test_lru_hit_rate_accepts_ragged_sequences():
-    # two sequences of different lengths, each decoded from a cold cache: (2 hits / 4) + (0 / 2)
-    assert rs.lru_hit_rate([np.array([[0, 1], [0, 1]]), np.array([[0, 1]])], 2) == pytest.approx(2 / 6)

@@ -6,12 +6,12 @@ import struct
 
 import pytest
 import torch
-from _models import build_tiny, save_checkpoint
 
 from hf_moe_offload.adapters import describe_model
 from hf_moe_offload.errors import CorruptCheckpointError, MissingShardError
 from hf_moe_offload.integration import inspect_checkpoint
 from hf_moe_offload.storage import ExpertStore, checkpoint_files, read_header, slot_views
+from hf_moe_offload.testing import build_tiny, save_checkpoint
 
 
 def _expected(model, layer, expert):
@@ -115,11 +115,11 @@ def test_missing_shard_and_empty_folder(tmp_path):
 
 def test_interleaved_rows_are_reordered_as_transformers_does(tmp_path):
     """Inkling 2 stores `w13_weight` with gate and up rows alternating; the slot holds the model's `[gate; up]`."""
-    from _matrix_configs import matrix_config
     from transformers import AutoModelForCausalLM
     from transformers.core_model_loading import Interleave
 
     from hf_moe_offload.adapters import Interleaving
+    from hf_moe_offload.testing import matrix_config
 
     w = torch.arange(24.0).reshape(6, 4)
     for inverse in (False, True):

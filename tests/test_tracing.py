@@ -2,10 +2,10 @@
 
 import numpy as np
 import torch
-from _models import build_tiny
 
 from hf_moe_offload.integration.tracing import record_routing, replay_routing
 from hf_moe_offload.prefetch.trace import RoutingTrace, map_routing
+from hf_moe_offload.testing import build_tiny, save_checkpoint
 
 
 def test_map_routing_by_hand():
@@ -61,7 +61,6 @@ def test_replay_forces_routing_on_a_bigger_model():
 
 
 def test_lookahead_is_recorded_and_drives_prefetch_in_a_replay(tmp_path):
-    from _models import save_checkpoint
     from transformers import AutoModelForCausalLM
 
     small = build_tiny("mixtral", num_hidden_layers=3)

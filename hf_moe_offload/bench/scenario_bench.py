@@ -30,8 +30,9 @@ from tqdm.auto import tqdm
 
 from ..config import OffloadConfig, parse_budget
 from ..errors import OffloadConfigError
+from ..scheduling.profile import evict_page_cache
 from .decode_bench import spawn_worker
-from .sysmem import CgroupUnavailableError, evict_page_cache
+from .sysmem import CgroupUnavailableError
 
 __all__ = ["ABLATIONS", "BenchConfig", "make_configs", "make_points", "run_scenarios", "WORKER_ENTRY"]
 

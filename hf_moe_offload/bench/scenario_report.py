@@ -9,10 +9,12 @@ a dict for the final JSON line.
 
 Speed is `1 / p50 decode step` for the latency point and generated tokens/s for throughput points; `x_accelerate`
 and `x_memory` divide it by the same speed of accelerate at the same budget and of the in-memory model. The lower
-bound of a decode step is `max(compute, moved bytes / bandwidth, h2d bytes / h2d bandwidth)` (`limits.lower_bound`)
-with compute = the in-memory model's p50 step when it was measured, else the expert compute the timeline recorded;
-moved bytes = what accelerate reloads per forward (every parameter it placed on "disk"), what this library read
-(`bytes_loaded` per step), nothing for the in-memory model. `efficiency` = bound / measured p50 step.
+bound of a decode step is `max(compute, moved bytes / bandwidth, h2d bytes / h2d bandwidth)` (the planner's
+roofline, `scheduling.planner.lower_bound`, over the bandwidths of the `scheduling.profile.HardwareProfile` that
+`hf-moe-offload plan` uses too) with compute = the in-memory model's p50 step when it was measured, else the expert
+compute the timeline recorded; moved bytes = what accelerate reloads per forward (every parameter it placed on
+"disk"), what this library read (`bytes_loaded` per step), nothing for the in-memory model. `efficiency` = bound /
+measured p50 step.
 """
 
 from __future__ import annotations
@@ -20,10 +22,17 @@ from __future__ import annotations
 import statistics
 
 from ..config import format_bytes
-from .limits import Limits, lower_bound
+from ..scheduling.planner import lower_bound
+from ..scheduling.profile import HardwareProfile
 from .scenario_bench import BenchConfig
 
-__all__ = ["format_tables", "summarise", "summarise_configs"]
+__all__ = ["format_tables", "limits_record", "summarise", "summarise_configs"]
+
+
+def limits_record(profile: HardwareProfile) -> dict:
+    """The `limits` of the JSON line (docs/benchmarks.md): the profile's bandwidths under their documented keys."""
+    return {"disk_Bps": profile.disk_read_Bps, "page_cache_Bps": profile.page_cache_read_Bps,
+            "h2d_Bps": profile.h2d_Bps, "disk_samples_Bps": list(profile.disk_samples_Bps)}  # fmt: skip
 
 
 def _median(values) -> float | None:
@@ -54,10 +63,10 @@ def _speed(point: dict, s: dict) -> float | None:
     return s["tok_s"]
 
 
-def summarise(runs: dict[str, list[dict]], configs: list[BenchConfig], points: list[dict], limits: Limits,
-              mode: str) -> dict[str, dict[str, dict]]:  # fmt: skip
+def summarise(runs: dict[str, list[dict]], configs: list[BenchConfig], points: list[dict],
+              limits: HardwareProfile, mode: str) -> dict[str, dict[str, dict]]:  # fmt: skip
     """`{point key: {config name: summary}}` (see the module docstring for the derived columns)."""
-    bandwidth = limits.page_cache_Bps if mode == "warm" else limits.disk_Bps
+    bandwidth = limits.page_cache_read_Bps if mode == "warm" else limits.disk_read_Bps
     out: dict[str, dict[str, dict]] = {}
     for point in points:
         key = point["key"]
@@ -131,8 +140,8 @@ def _f(value, spec: str = ".2f", scale: float = 1.0) -> str:
     return "-" if value is None else format(value / scale, spec)
 
 
-def format_tables(results: dict[str, dict[str, dict]], points: list[dict], config_info: dict, *, limits: Limits,
-                  mode: str) -> str:  # fmt: skip
+def format_tables(results: dict[str, dict[str, dict]], points: list[dict], config_info: dict, *,
+                  limits: HardwareProfile, mode: str) -> str:  # fmt: skip
     """Plain-text tables: the configurations, then one table per scenario point."""
     bound_bw = "page cache" if mode == "warm" else "disk"
     lines = [f"mode {mode}; bandwidth {limits.describe()}; bounds use the {bound_bw} bandwidth", ""]

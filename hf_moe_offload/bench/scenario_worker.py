@@ -25,8 +25,9 @@ import time
 
 import torch
 
+from ..scheduling.profile import evict_page_cache
 from .decode_bench import StepTimer, _disk_bytes, _offload_stats
-from .sysmem import PeakRssSampler, evict_page_cache, process_io, rss_breakdown
+from .sysmem import PeakRssSampler, process_io, rss_breakdown
 
 __all__ = ["load_config_model", "prompt_ids", "run_point", "run_spec", "PROMPT_TEXT"]
 

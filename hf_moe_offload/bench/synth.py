@@ -12,7 +12,8 @@ config ──> meta model ──> [tensor plan: key, shape, pieces] ──> [sha
   of transformers (the "fused" layout: `mlp.experts.gate_up_proj [E, 2I, H]`, `mlp.experts.down_proj [E, H, I]`).
   The "per_expert" layout renders each fused expert tensor as one 2-D tensor per expert under the names the hub
   checkpoints use (Mixtral: `block_sparse_moe.experts.{e}.w1/w3/w2.weight`), and transformers' conversion
-  mapping fuses them back at load time.
+  mapping fuses them back at load time. The names are those of `hf_moe_offload.testing.per_expert_keys`, the
+  same table the tests hold to what `save_pretrained` writes.
 * Every value is drawn from a generator seeded by the seed and a canonical name of its *piece* (one expert's
   gate, up or down matrix, or one whole non-expert tensor), so both layouts hold identical values and load into
   identical models. Norm weights are ones, other 1-D tensors zeros, matrices N(0, std).
@@ -38,23 +39,11 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, MixtralConfig, PretrainedConfig
 
-__all__ = [
-    "PER_EXPERT_NAMES",
-    "synthesize_from_config",
-    "synthesize_mixtral",
-    "tiny_mixtral_config",
-]
+from ..testing.checkpoints import per_expert_keys
+
+__all__ = ["synthesize_from_config", "synthesize_mixtral"]
 
 GiB = 1024**3
-
-# Per-expert checkpoint names, per model type: (rename of the MoE block in every key, gate, up, down). The fused
-# `gate_up_proj[e]` is `cat(gate_e, up_e, dim=0)`; `down_proj[e]` is `down_e`.
-PER_EXPERT_NAMES: dict[str, tuple[tuple[str, str] | None, str, str, str]] = {
-    "mixtral": ((".mlp.", ".block_sparse_moe."), "w1", "w3", "w2"),
-    "qwen2_moe": (None, "gate_proj", "up_proj", "down_proj"),
-    "qwen3_moe": (None, "gate_proj", "up_proj", "down_proj"),
-    "olmoe": (None, "gate_proj", "up_proj", "down_proj"),
-}
 
 
 @dataclass(frozen=True)
@@ -72,27 +61,6 @@ class _Tensor:
     shape: tuple[int, ...]
     fill: str  # "normal", "ones" or "zeros"
     pieces: tuple[_Piece, ...]
-
-
-def tiny_mixtral_config(**overrides) -> MixtralConfig:
-    """A small Mixtral config for tests: hidden 64, intermediate 128, 2 layers, 8 experts, top-2, vocab 256.
-
-    Args:
-        **overrides: any `MixtralConfig` field, e.g. `num_hidden_layers=4`.
-    """
-    kwargs = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_local_experts=8,
-        num_experts_per_tok=2,
-        vocab_size=256,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
-    kwargs.update(overrides)
-    return MixtralConfig(**kwargs)
 
 
 def _seed(seed: int, name: str) -> int:
@@ -137,29 +105,17 @@ def _fused_plan(config: PretrainedConfig) -> list[_Tensor]:
 
 
 def _per_expert_plan(plan: list[_Tensor], model_type: str) -> list[_Tensor]:
-    """Render the fused plan with one 2-D tensor per expert, named as in `PER_EXPERT_NAMES[model_type]`."""
-    if model_type not in PER_EXPERT_NAMES:
-        raise ValueError(
-            f"layout='per_expert' is known for model types {sorted(PER_EXPERT_NAMES)}, got {model_type!r}; "
-            "use layout='fused' or add the names to PER_EXPERT_NAMES."
-        )
-    rename, gate, up, down = PER_EXPERT_NAMES[model_type]
+    """Render the fused plan with one 2-D tensor per expert piece, named by `per_expert_keys` (pieces and keys are
+    both expert-major, gate before up)."""
     out = []
     for tensor in plan:
-        key = tensor.key.replace(*rename) if rename else tensor.key
         if not _is_expert(tensor.key, tensor.shape):
+            (key,) = per_expert_keys(model_type, tensor.key)
             out.append(_Tensor(key, tensor.shape, tensor.fill, tensor.pieces))
             continue
-        prefix, _, param = key.rpartition(".")
-        names = {"gate_up_proj": (gate, up), "down_proj": (down,)}.get(param)
-        if names is None:
-            raise ValueError(f"no per-expert name for expert parameter {tensor.key!r} of model type {model_type!r}")
-        per_expert = len(names)
-        for i, piece in enumerate(tensor.pieces):
-            e, name = i // per_expert, names[i % per_expert]
-            out.append(
-                _Tensor(f"{prefix}.{e}.{name}.weight", piece.shape, "normal", (_Piece(piece.name, (), piece.shape),))
-            )
+        keys = per_expert_keys(model_type, tensor.key, num_experts=tensor.shape[0])
+        for key, piece in zip(keys, tensor.pieces, strict=True):
+            out.append(_Tensor(key, piece.shape, "normal", (_Piece(piece.name, (), piece.shape),)))
     return out
 
 
@@ -221,7 +177,7 @@ def synthesize_from_config(
         out_dir: the directory to create or fill.
         config: the model config; its `dtype` is set to `dtype` in the saved `config.json`.
         layout: "fused" (transformers 5 names, 3-D experts) or "per_expert" (one tensor per expert, hub names;
-            known model types are the keys of `PER_EXPERT_NAMES`).
+            known model types are the keys of `hf_moe_offload.testing.PER_EXPERT_NAMES`).
         dtype: the dtype of every tensor on disk.
         shard_bytes: the largest shard size in bytes (a single larger tensor gets a shard of its own).
         seed: the seed; equal seeds give equal values in both layouts.

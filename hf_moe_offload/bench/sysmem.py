@@ -1,18 +1,19 @@
-"""Honest memory, page-cache and disk measurements for benchmarks on Linux.
+"""Honest memory and page-cache measurements for benchmarks on Linux.
 
 On a machine with more RAM than the model, "offloaded" weights are read back from the page cache at memory
 speed and a benchmark flatters whatever it measures. These helpers let a benchmark say which case it measured:
 
-* `evict_page_cache` drops a file's clean pages (`posix_fadvise(DONTNEED)`); pages that a live mmap maps stay.
 * `page_cache_resident_bytes` counts a file's cached bytes (`mincore` on a fresh mapping), e.g. to check that a
   reader using `pread` into its own buffers does not leave a second copy of the experts in the page cache.
-* `rss_breakdown` splits resident memory into anonymous, file-backed and shared bytes (`/proc/<pid>/status`):
-  safetensors weights loaded by transformers stay memory-mapped, so plain RSS mixes the two.
-  `PeakRssSampler` tracks their peaks, which the kernel does not keep separately.
+* `rss_breakdown` splits resident memory into anonymous, file-backed and shared bytes (`/proc/<pid>/status`:
+  psutil reports only their sum): safetensors weights loaded by transformers stay memory-mapped, so plain RSS
+  mixes the two. `PeakRssSampler` tracks their peaks, which the kernel does not keep separately.
 * `run_in_memory_cgroup` runs a command under a cgroup v1 memory limit, the user's real situation (less RAM than
   the model): the kernel then reclaims page cache and mapped file pages of the group under the limit.
-* `process_io` reads the bytes a process really fetched from storage (`/proc/<pid>/io`).
-* `measure_disk_bandwidth` reads files cold (after eviction) or warm: the denominators of "physical limit".
+* `process_io` reads the bytes a process really fetched from storage (psutil's I/O counters).
+
+Evicting files from the page cache (`evict_page_cache`) and the disk, page-cache and host -> device bandwidths
+(the denominators of "physical limit") belong to the one hardware measurement, `scheduling.profile`.
 """
 
 from __future__ import annotations
@@ -29,68 +30,27 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+
+from ..scheduling.profile import list_files
+
 __all__ = [
     "CgroupRunResult",
     "CgroupUnavailableError",
     "PeakRssSampler",
-    "evict_page_cache",
     "find_memory_cgroup",
-    "measure_disk_bandwidth",
     "page_cache_resident_bytes",
     "process_io",
     "rss_breakdown",
     "run_in_memory_cgroup",
 ]
 
-MiB = 1024**2
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 _STATUS_FIELDS = ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem", "VmSwap")
 
 
 class CgroupUnavailableError(RuntimeError):
     """No writable cgroup v1 memory controller is available to this process."""
-
-
-def _files(paths: str | Path | Iterable[str | Path]) -> list[Path]:
-    if isinstance(paths, (str, Path)):
-        paths = [paths]
-    out: list[Path] = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            out.extend(sorted(p for p in path.rglob("*") if p.is_file()))
-        elif path.is_file():
-            out.append(path)
-        else:
-            raise FileNotFoundError(f"no such file or directory: {path}")
-    return out
-
-
-def evict_page_cache(paths: str | Path | Iterable[str | Path]) -> int:
-    """Drop the clean page-cache pages of files (every file under a directory) with `posix_fadvise(DONTNEED)`.
-
-    Dirty pages are written back first (`fdatasync`), so freshly written files are evicted too. Pages that a live
-    `mmap` maps (in any process) are NOT evicted: a mapped file reads back at page-cache speed after this call,
-    which is why a benchmark of mmap-based offloading needs a memory cgroup (`run_in_memory_cgroup`) instead.
-
-    Args:
-        paths: a file, a directory, or several of them.
-
-    Returns:
-        The number of bytes covered (the total size of the files).
-    """
-    total = 0
-    for path in _files(paths):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            try:
-                os.fdatasync(fd)
-            except OSError:
-                pass
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            total += os.fstat(fd).st_size
-        finally:
-            os.close(fd)
-    return total
 
 
 def _libc() -> ctypes.CDLL:
@@ -137,7 +97,7 @@ def page_cache_resident_bytes(paths: str | Path | Iterable[str | Path]) -> int:
         The resident bytes, in whole pages, capped at each file's size.
     """
     libc = _libc()
-    return sum(_resident_bytes(libc, path) for path in _files(paths))
+    return sum(_resident_bytes(libc, path) for path in list_files(paths))
 
 
 def rss_breakdown(pid: int | None = None) -> dict[str, int]:
@@ -160,23 +120,22 @@ def rss_breakdown(pid: int | None = None) -> dict[str, int]:
 
 
 def process_io(pid: int | None = None) -> dict[str, int]:
-    """I/O counters of a process (all its threads) from `/proc/<pid>/io`, in bytes.
+    """I/O counters of a process (all its threads), in bytes and calls: psutil's `Process.io_counters()`.
 
     `read_bytes` counts what the process made the kernel fetch from storage (page-cache misses, read() and mmap
-    faults alike): the bytes that physically came from disk. `rchar` counts bytes returned by read()-like calls,
-    page-cache hits included, and misses mmap access.
+    faults alike): the bytes that physically came from disk. `read_chars` counts bytes returned by read()-like
+    calls, page-cache hits included, and misses mmap access.
 
     Args:
         pid: the process; this one when None.
 
     Returns:
-        A dict such as `{"rchar": ..., "read_bytes": ..., "write_bytes": ...}`; empty when the kernel has no task
-        I/O accounting.
+        A dict such as `{"read_bytes": ..., "write_bytes": ..., "read_chars": ..., ...}`; empty when the kernel
+        has no task I/O accounting or the process may not be read.
     """
     try:
-        with open(f"/proc/{pid or 'self'}/io") as f:
-            return {name: int(value) for name, value in (line.split(":") for line in f if ":" in line)}
-    except OSError:
+        return psutil.Process(pid).io_counters()._asdict()
+    except (psutil.Error, AttributeError, OSError):  # no task I/O accounting, or not ours to read
         return {}
 
 
@@ -235,18 +194,12 @@ def find_memory_cgroup() -> Path:
     Raises:
         CgroupUnavailableError: no v1 memory controller is mounted, or this process may not create groups in it.
     """
-    mount = None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            pre, _, post = line.partition(" - ")
-            fstype, _, options = post.split()[:3]
-            if fstype == "cgroup" and "memory" in options.split(","):
-                mount = Path(pre.split()[4])
-                break
-    if mount is None:
+    mounts = [p for p in psutil.disk_partitions(all=True) if p.fstype == "cgroup" and "memory" in p.opts.split(",")]
+    if not mounts:
         raise CgroupUnavailableError(
-            "no cgroup v1 memory controller is mounted (checked /proc/self/mountinfo); the 'RAM limit' mode needs one"
+            "no cgroup v1 memory controller is mounted (checked the mount table); the 'RAM limit' mode needs one"
         )
+    mount = Path(mounts[0].mountpoint)
     own = "/"
     with open("/proc/self/cgroup") as f:
         for line in f:
@@ -369,47 +322,3 @@ def _remove_group(group: Path, attempts: int = 50) -> None:
         except OSError:  # EBUSY while the last task is still exiting
             time.sleep(0.1)
     raise RuntimeError(f"could not remove the memory cgroup {group}; remove it with `rmdir {group}`")
-
-
-def measure_disk_bandwidth(
-    paths: str | Path | Iterable[str | Path],
-    *,
-    block: int = 16 * MiB,
-    cold: bool = True,
-    max_bytes: int | None = None,
-) -> float:
-    """Read files sequentially in `block`-sized `readinto` calls and return the bandwidth in bytes/s.
-
-    Args:
-        paths: a file, a directory (every file under it), or several of them.
-        block: bytes per read call.
-        cold: evict the files from the page cache first (disk bandwidth); when False, read them twice and time
-            the second pass (page-cache bandwidth, if they fit in memory).
-        max_bytes: stop after this many bytes.
-
-    Returns:
-        Bytes read per second.
-    """
-    files = _files(paths)
-    buf = bytearray(block)
-    view = memoryview(buf)
-
-    def read_all() -> tuple[int, float]:
-        done, start = 0, time.perf_counter()
-        for path in files:
-            with open(path, "rb", buffering=0) as f:
-                while max_bytes is None or done < max_bytes:
-                    n = f.readinto(view)
-                    if not n:
-                        break
-                    done += n
-        return done, time.perf_counter() - start
-
-    if cold:
-        evict_page_cache(files)
-    else:
-        read_all()
-    done, seconds = read_all()
-    if cold:
-        evict_page_cache(files)
-    return done / max(seconds, 1e-9)

@@ -13,7 +13,7 @@ and the compute stream waits on its event, so the compute thread never blocks on
 
 Prefetching (`prefetch`) reserves a slot and queues a *speculative* load behind every demand load
 (`PriorityLoader`); it never evicts a pinned, loading or *protected* expert (those predicted for the current or
-next layer), nor one used during the last decode step (`recent_window` layer calls): when the cache is no bigger
+next layer), nor one used during the last decode step (`keep_recent` layer calls): when the cache is no bigger
 than a step's working set, wrong predictions would otherwise evict experts the next step reuses, and the cache
 would thrash. A demand request for a queued speculative load promotes it; a wrong one is cancelled before it
 starts (`cancel_speculative`). Counters tell prefetches used from prefetches wasted.
@@ -65,6 +65,12 @@ class SlotPool:
             buf = torch.empty(self.slot_nbytes, dtype=torch.uint8, device=self.device, pin_memory=self.pin_memory)
             self._buffers[idx] = buf
         return buf
+
+    def free_buffers(self) -> None:
+        """Release every slot's memory (after `ExpertCache.close`: no expert may be in use)."""
+        self._buffers = [None] * self.n_slots
+        self.release_events = [None] * self.n_slots
+        self._free = list(range(self.n_slots - 1, -1, -1))
 
     @property
     def allocated_bytes(self) -> int:
@@ -179,8 +185,8 @@ class ExpertCache:
         else:
             self.compute = self.host
         self.timeline = Timeline()
-        self.tick = 0  # MoE layer calls so far (advanced by the forward); ages experts for speculative eviction
-        self.recent_window = 0  # speculative loads never evict experts used within this many layer calls
+        self._tick = 0  # MoE layer calls so far (`advance_tick`); ages experts for speculative eviction
+        self._recent_window = 0  # speculative loads never evict experts used within this many layer calls
         self._loader = PriorityLoader(io_threads, self._load)
         self._protected: frozenset = frozenset()
         self._closed = False
@@ -200,6 +206,19 @@ class ExpertCache:
         if self.compute is not self.host:
             out.update(device_slots=self.compute.pool.n_slots, device_allocated_bytes=self.compute.pool.allocated_bytes)
         return out
+
+    # -- the prefetcher's controls ---------------------------------------------------------------------------------
+    def advance_tick(self) -> None:
+        """One MoE layer call started: ages every expert by one tick (for `keep_recent`)."""
+        with self._lock:
+            self._tick += 1
+
+    def keep_recent(self, ticks: int) -> None:
+        """Speculative loads never evict an expert used within the last `ticks` layer calls (e.g. one decode step)."""
+        if isinstance(ticks, bool) or not isinstance(ticks, int) or ticks < 0:
+            raise ValueError(f"keep_recent: expected a non-negative int, got {ticks!r}")
+        with self._lock:
+            self._recent_window = ticks
 
     # -- acquiring -----------------------------------------------------------------------------------------------
     def acquire_resident(self, key: Key) -> Lease | None:
@@ -232,7 +251,7 @@ class ExpertCache:
 
     def prefetch(self, key: Key, priority: int = 1, evict: bool = True) -> bool:
         """Start a speculative load of `key` into a free slot, or in place of an expert that is not protected, not
-        in use and not used within the last `recent_window` layer calls (with `evict`); True if queued."""
+        in use and not used within the last `keep_recent` layer calls (with `evict`); True if queued."""
         with self._lock:
             if self._closed or key in self.compute.entries:
                 return False
@@ -242,7 +261,7 @@ class ExpertCache:
                 victims = [
                     k
                     for k in self.compute.evictable(self._protected)
-                    if self.tick - self.compute.entries[k].last_used > self.recent_window
+                    if self._tick - self.compute.entries[k].last_used > self._recent_window
                 ]
                 if not victims:  # every candidate served the last decode step: it will likely be needed again
                     return False
@@ -290,7 +309,7 @@ class ExpertCache:
     # -- internals (call with the lock held unless noted) ----------------------------------------------------------
     def _pin(self, tier: _Tier, e: _Entry, hit: bool) -> None:
         e.pins += 1
-        e.last_used = self.tick
+        e.last_used = self._tick
         tier.policy.on_access(e.key)
         if tier is self.compute:
             (self.stats.hit if hit else self.stats.miss)(e.key[0])
@@ -411,14 +430,13 @@ class ExpertCache:
                 self._unpin(self.host, host_entry)
 
     def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._loader.shutdown()
-            self.store.close()
-
-    def clear(self) -> None:
-        """Drop every expert that is not in use (e.g. before a cold-cache measurement)."""
+        """Stop the loader threads, close the checkpoint files and free every slot buffer (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._loader.shutdown()
+        self.store.close()
         with self._lock:
-            for tier in {id(self.compute): self.compute, id(self.host): self.host}.values():
-                for key in tier.evictable():
-                    self._discard(tier, tier.entries[key])
+            for tier in (self.host, self.compute):
+                tier.entries.clear()
+                tier.pool.free_buffers()

@@ -66,6 +66,17 @@ class OffloadStats:
         with self._lock:
             self._forward_calls += 1
 
+    def hit_rate(self) -> float:
+        """Hits / (hits + misses) so far, 0.0 before any access (cheaper than a full `snapshot`)."""
+        with self._lock:
+            total = self._c["hits"] + self._c["misses"]
+            return self._c["hits"] / total if total else 0.0
+
+    def mean_load_seconds(self) -> float | None:
+        """Average seconds one expert load took so far; None before the first load completed."""
+        with self._lock:
+            return self._load_seconds / self._c["loads"] if self._c["loads"] else None
+
     def snapshot(self) -> dict:
         with self._lock:
             out = dict(self._c)

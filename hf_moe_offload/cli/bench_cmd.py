@@ -3,7 +3,7 @@ accelerate's disk offload at the same memory budget, and this library with featu
 
 ```
 MODEL | --synth PRESET (real per-layer shapes, depth scaled to --max-disk, cached)   [--replay TRACE.npz]
-  --> limits: disk (cold), page cache, host->device bandwidths
+  --> limits: disk (cold), page cache, host->device bandwidths (scheduling.profile.measure_profile, as `plan` uses)
   --> configs: memory, accelerate@B, offload@B, offload@B-<ablation>  for each budget B of --budgets
   --> points:  latency (batch 1: TTFT, p50/p90 decode step), throughput@N (tokens/s at batch N)
   --> reps x configs, interleaved, each a fresh worker process (bench.scenario_bench / scenario_worker)
@@ -31,6 +31,8 @@ from ..errors import OffloadConfigError
 from .args import add_offload_args
 
 __all__ = ["add_parser", "main"]
+
+_BLOCK = 16 * 1024**2  # bytes per read when timing the disk
 
 
 def _csv(value: str) -> list[str]:
@@ -90,7 +92,7 @@ def _resolve_model(args: argparse.Namespace) -> tuple[str, dict | None]:
     if bool(args.model) == bool(args.synth):
         raise SystemExit("bench: give a model folder or --synth PRESET (not both)")
     if args.model:
-        from ..integration.loading import resolve_folder
+        from ..integration.plan import resolve_folder
 
         return os.path.abspath(resolve_folder(args.model, {})), None
     from ..bench.presets import synthesize_preset
@@ -136,15 +138,27 @@ def _memory_fits(sizes: dict, overhead: int) -> bool:
     return sizes["total"] + overhead < 0.9 * psutil.virtual_memory().available
 
 
+def _measure_limits(model_dir: str, dtype: str, device: str, nbytes: int):
+    """The machine's `HardwareProfile` at the model's expert shapes, its files read in 16 MiB blocks, two cold
+    samples: its bandwidths are the denominators of the bench's lower bounds."""
+    from ..scheduling.profile import measure_profile
+    from .inspect_cmd import inspect_path
+
+    info = inspect_path(model_dir)
+    if not info.get("supported"):
+        raise OffloadConfigError(f"bench: {model_dir} is not supported: {info.get('reason')}")
+    return measure_profile(info["params"], info["dtype"] if dtype == "auto" else dtype, sample_file=model_dir,
+                           device=device, read_block=_BLOCK, read_bytes=nbytes, disk_samples=2)  # fmt: skip
+
+
 def main(args: argparse.Namespace) -> int:
     import torch
     import transformers
 
     from ..bench.decode_bench import checkpoint_bytes
-    from ..bench.limits import measure_limits
     from ..bench.scenario_bench import make_configs, make_points, run_scenarios
-    from ..bench.scenario_report import format_tables, summarise, summarise_configs
-    from ..bench.sysmem import measure_disk_bandwidth
+    from ..bench.scenario_report import format_tables, limits_record, summarise, summarise_configs
+    from ..scheduling.profile import measure_read_bandwidth
 
     start = time.time()
     device = args.offload_device or "auto"
@@ -173,15 +187,14 @@ def main(args: argparse.Namespace) -> int:
         + (f" (synthetic {synth['preset']}, {synth['layers']} of {synth['real_layers']} layers)" if synth else "")
     )
     sample_bytes = parse_budget(args.bandwidth_bytes, "--bandwidth-bytes").nbytes
-    limits = measure_limits(model_dir, max_bytes=sample_bytes, device=device)
+    limits = _measure_limits(model_dir, args.dtype, device, sample_bytes)
     print(f"limits: {limits.describe()}")
     runs = run_scenarios(model_dir, configs, points, sizes, reps=args.reps, mode=mode, overhead_bytes=overhead,
                          threads=args.threads or None, dtype=args.dtype, device=device, sample=args.sample,
                          seed=args.seed, replay=args.replay, timeout=args.timeout, in_process=args.in_process,
                          safety_bytes=safety, progress=not args.no_progress)  # fmt: skip
     # The shared disk drifts: one more sample after the runs, and the fastest one is the denominator.
-    limits.disk_samples_Bps.append(measure_disk_bandwidth(model_dir, cold=True, max_bytes=sample_bytes))
-    limits.disk_Bps = max(limits.disk_samples_Bps)
+    limits.add_disk_sample(measure_read_bandwidth(model_dir, block=_BLOCK, max_bytes=sample_bytes)[0])
     results = summarise(runs, configs, points, limits, mode)
     config_info = summarise_configs(runs, configs, sizes)
     print()
@@ -204,7 +217,7 @@ def main(args: argparse.Namespace) -> int:
         "overhead_bytes": overhead if mode == "ramlimit" else None,
         "safety_limit_bytes": safety,
         "points": points,
-        "limits": limits.to_dict(),
+        "limits": limits_record(limits),
         "configs": config_info,
         "results": results,
         "wall_s": time.time() - start,

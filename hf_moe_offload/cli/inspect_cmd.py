@@ -24,7 +24,7 @@ def inspect_path(path: str) -> dict:
 
     from ..errors import OffloadError
     from ..integration import inspect_checkpoint
-    from ..integration.loading import _meta_model, resolve_folder
+    from ..integration.plan import meta_model, resolve_folder
     from ..storage import checkpoint_files, read_header
 
     folder = resolve_folder(path, {})
@@ -32,7 +32,7 @@ def inspect_path(path: str) -> dict:
     cls = AutoModelForCausalLM._model_mapping[type(config)]
     info = {"path": folder, "model_type": config.model_type, "architecture": cls.__name__}
     try:
-        topology, layout, keys = inspect_checkpoint(_meta_model(cls, config, {}), folder)
+        topology, layout, keys = inspect_checkpoint(meta_model(cls, config, {}), folder)
     except OffloadError as e:
         info.update(supported=False, reason=f"{type(e).__name__}: {e}")
         return info

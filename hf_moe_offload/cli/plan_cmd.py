@@ -1,10 +1,11 @@
 """`hf-moe-offload plan MODEL --memory 8GiB [--latency 0.5] [--profile profile.json]`: batch size and budgets.
 
 ```
-MODEL --inspect_path (headers + meta model)--> topology summary, KV bytes per token
+MODEL --inspect_path (headers + meta model)--> topology summary; AutoConfig --> KV bytes per token, embeddings
       --largest safetensors file--> measure_profile (or --profile JSON) --> HardwareProfile
-      --> scheduling.plan(memory, latency, context) --> table for people, one JSON line for scripts
+      --> scheduling.plan_for_model(memory, latency, context) --> table for people, one JSON line for scripts
 ```
+`plan_for_model` is what `mode="auto"` calls too, so both reserve the same bytes (dense weights, KV cache).
 The JSON line holds the `Plan.to_dict()` keys (`batch_size`, `feasible`, `tokens_per_s`, `step_s`,
 `serial_step_s`, `bubble_fraction`, `hit_rate`, `placement`, `host_budget_bytes`, `device_budget_bytes`,
 `transfer_s`, `compute_s`, `min_overlap_batch`, `candidates`, `inputs`) plus `model`, `profile` (the measured
@@ -21,10 +22,9 @@ import sys
 
 from ..config import format_bytes, parse_budget
 from ..errors import OffloadConfigError
+from ..scheduling.model_plan import COMPUTE_ITEMSIZE, DEFAULT_CONTEXT
 
-__all__ = ["add_parser", "main", "kv_bytes_per_token"]
-
-_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+__all__ = ["add_parser", "main"]
 
 
 def add_parser(sub) -> None:
@@ -37,7 +37,8 @@ def add_parser(sub) -> None:
     p.add_argument("--save-profile", help="write the measured profile to this JSON file")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: plan for an accelerator")
     p.add_argument("--device-memory", help="accelerator memory for weights, KV and expert slots (default: free)")
-    p.add_argument("--context", type=int, default=512, help="tokens per sequence (prompt + generated) for the KV")
+    p.add_argument("--context", type=int, default=DEFAULT_CONTEXT,
+                   help="tokens per sequence (prompt + generated) for the KV")  # fmt: skip
     p.add_argument("--batches", default="1,2,4,8,16,32,64,128,256", help="comma-separated batch sizes to cost")
     p.add_argument("--dtype", default="auto", help="compute dtype: auto (the checkpoint's), bfloat16, float16...")
     p.add_argument("--statistic", choices=("min", "median"), default="min",
@@ -48,18 +49,6 @@ def add_parser(sub) -> None:
     p.add_argument("--hit-rate", type=float, help="a measured cache hit rate to use instead of the LRU model")
     p.add_argument("--trace", help="routing trace (.npz) for a measured distinct-experts-vs-batch curve")
     p.set_defaults(func=main)
-
-
-def kv_bytes_per_token(config, itemsize: int) -> int:
-    """KV cache bytes one token adds over all layers: `2 * kv_heads * head_dim` per layer, or MLA's latent."""
-    text = getattr(config, "text_config", None) or config
-    layers = int(getattr(text, "num_hidden_layers", 0) or 0)
-    if getattr(text, "kv_lora_rank", None):
-        return layers * (text.kv_lora_rank + (getattr(text, "qk_rope_head_dim", 0) or 0)) * itemsize
-    heads = getattr(text, "num_attention_heads", 0) or 0
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    head_dim = getattr(text, "head_dim", None) or (text.hidden_size // heads if heads else 0)
-    return layers * 2 * kv_heads * head_dim * itemsize
 
 
 def _bytes(value: str, name: str) -> int:
@@ -79,7 +68,8 @@ def main(args: argparse.Namespace) -> int:
     from transformers import AutoConfig
 
     from ..prefetch import RoutingTrace
-    from ..scheduling.planner import ModelShape, distinct_from_trace, plan
+    from ..scheduling.model_plan import plan_for_model, shape_for_model
+    from ..scheduling.planner import distinct_from_trace
     from ..scheduling.profile import HardwareProfile, measure_profile
     from .inspect_cmd import inspect_path
 
@@ -89,18 +79,12 @@ def main(args: argparse.Namespace) -> int:
         return 1
     memory = _bytes(args.memory, "--memory")
     batches = [int(b) for b in args.batches.split(",") if b.strip()]
-    stored = info["dtype"]
-    dtype = stored if args.dtype == "auto" else args.dtype
-    if dtype not in _ITEMSIZE:
-        raise OffloadConfigError(f"--dtype: expected one of auto, {', '.join(_ITEMSIZE)}, got {dtype!r}")
-    scale = _ITEMSIZE[dtype] / _ITEMSIZE.get(stored, _ITEMSIZE[dtype])
+    dtype = info["dtype"] if args.dtype == "auto" else args.dtype
+    if dtype not in COMPUTE_ITEMSIZE:
+        raise OffloadConfigError(f"--dtype: expected one of auto, {', '.join(COMPUTE_ITEMSIZE)}, got {dtype!r}")
     config = AutoConfig.from_pretrained(info["path"])
-    text = getattr(config, "text_config", None) or config
-    embedding = int(getattr(text, "vocab_size", 0) * getattr(text, "hidden_size", 0) * _ITEMSIZE[dtype])
-    summary = dict(info, bytes_per_expert=int(info["bytes_per_expert"] * scale), dtype=dtype,
-                   other_bytes=int(info["other_bytes"] * scale))  # fmt: skip
-    shape = ModelShape.from_summary(summary, embedding_nbytes=embedding)
-    seq_bytes = args.context * kv_bytes_per_token(config, _ITEMSIZE[dtype])
+    shape, kv_per_token = shape_for_model(info, config, dtype)
+    seq_bytes = args.context * kv_per_token
 
     if args.profile:
         profile = HardwareProfile.load(args.profile)
@@ -129,9 +113,9 @@ def main(args: argparse.Namespace) -> int:
         curve = distinct_from_trace(RoutingTrace.load(args.trace), batches, num_experts=shape.num_experts,
                                     top_k=shape.top_k)  # fmt: skip
         curve = {b: [v[i % len(v)] for i in range(shape.num_layers)] for b, v in curve.items()}
-    result = plan(profile, shape, memory, args.latency, batches, seq_bytes=seq_bytes,
-                  device_memory_bytes=device_memory, distinct_curve=curve, hit_rate=args.hit_rate,
-                  read_from=args.read_from)  # fmt: skip
+    result = plan_for_model(profile, info, memory, model_config=config, dtype=dtype, context=args.context,
+                            device_memory_bytes=device_memory, latency_limit_s=args.latency, batch_candidates=batches,
+                            distinct_curve=curve, hit_rate=args.hit_rate, read_from=args.read_from)  # fmt: skip
 
     print(f"model {info['path']}: {shape.num_layers} MoE layers x {shape.num_experts} experts (top-{shape.top_k}) "
           f"of {format_bytes(shape.expert_nbytes)}, dense {format_bytes(shape.other_nbytes)}, {dtype}")  # fmt: skip

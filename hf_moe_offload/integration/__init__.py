@@ -1,9 +1,10 @@
 """The only layer (with adapters/) that touches transformers internals: hooks, loading, the experts forward."""
 
-from .engine import OffloadEngine, inspect_checkpoint, plan_slots
+from .engine import OffloadEngine
 from .experts_forward import IMPLEMENTATION_NAME, offloaded_experts_forward
 from .hooks import install, is_installed, uninstall
 from .loading import load_offloaded
+from .plan import LoadPlan, inspect_checkpoint, make_plan, plan_slots
 
 __all__ = [
     "OffloadEngine",
@@ -15,4 +16,6 @@ __all__ = [
     "is_installed",
     "uninstall",
     "load_offloaded",
+    "LoadPlan",
+    "make_plan",
 ]

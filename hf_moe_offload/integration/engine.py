@@ -1,8 +1,10 @@
-"""`OffloadEngine`: the per-model object that ties topology, checkpoint layout, store, cache and stats together.
+"""`OffloadEngine`: the per-model object that ties the load plan, store, cache, prefetcher and stats together.
 
-It is built after `from_pretrained` has loaded every non-expert weight, attaches a small handle to each experts
-module (`module._hf_moe_offload`), and is reachable as `model.offload_engine`. Budgets are resolved here into slot
-counts; a budget that cannot hold one layer's top-k experts is refused with the smallest budget that would work.
+It is built from a `LoadPlan` after `from_pretrained` has loaded every non-expert weight: the plan's topology is
+re-bound to the loaded modules (the same layers, now real), and its layout, slots and config are used as they are.
+It attaches a small handle to each experts module (`module._hf_moe_offload`), is reachable as
+`model.offload_engine`, and runs each MoE layer through the expert loop (`execution.run_experts`), telling the
+prefetcher first. `close()` stops the I/O threads and frees every slot buffer at once.
 """
 
 from __future__ import annotations
@@ -15,25 +17,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..adapters import MoETopology, describe_model, resolve_expert_keys
+from ..adapters import describe_model
 from ..cache import ExpertCache, OffloadStats, make_policy
-from ..config import OffloadConfig, format_bytes
-from ..errors import BudgetTooSmallError
+from ..errors import OffloadStateError, UnsupportedFeatureError
+from ..execution import ExpertFn, run_experts
 from ..prefetch import CorrelationPredictor, Prefetcher, make_predictor
-from ..storage import (
-    ExpertLayout,
-    ExpertStore,
-    build_layout,
-    checkpoint_files,
-    checkpoint_quantization,
-    fold_quantized,
-    read_header,
-)
-from .experts_forward import run_layer
+from ..storage import ExpertStore
+from .experts_forward import HANDLE_ATTR
+from .plan import CORRELATION_FILE, LoadPlan
 
-__all__ = ["OffloadEngine", "LayerHandle", "plan_slots", "inspect_checkpoint", "live_engines", "CORRELATION_FILE"]
-
-CORRELATION_FILE = "hf_moe_offload_correlation.npz"  # learned expert co-occurrence, kept next to the model
+__all__ = ["OffloadEngine", "LayerHandle", "live_engines"]
 
 _LIVE: weakref.WeakSet = weakref.WeakSet()
 
@@ -48,72 +41,45 @@ class LayerHandle:
     layer: int
 
 
-def resolve_device(cfg: OffloadConfig) -> torch.device:
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(cfg.device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        from ..errors import OffloadConfigError
-
-        raise OffloadConfigError(f"device: {cfg.device!r} was requested but CUDA is not available; use 'cpu' or 'auto'")
-    return dev
+def _close(cache: ExpertCache) -> None:
+    cache.close()
 
 
-def plan_slots(cfg: OffloadConfig, topology: MoETopology, slot_nbytes: int, device: torch.device) -> tuple[int, int]:
-    """Slots per tier `(host_slots, device_slots)` from the budgets.
+class _RefuseBackward(torch.autograd.Function):
+    """Identity on the experts' output whose backward raises: offloaded experts cannot be trained through."""
 
-    Raises:
-        BudgetTooSmallError: the compute tier cannot hold the top-k experts of one layer.
-    """
-    total = topology.total_expert_nbytes
-    n_experts = sum(layer.num_experts for layer in topology.layers)
-    need = topology.max_top_k
-    host_bytes = cfg.host_budget.resolve(total)
-    host_slots = min(host_bytes // slot_nbytes, n_experts)
-    device_slots = 0
-    checks = [("host_budget", cfg.host_budget, host_bytes, host_slots)]
-    if device.type == "cuda":
-        device_bytes = cfg.device_budget.resolve(total)
-        device_slots = min(device_bytes // slot_nbytes, n_experts)
-        checks = [("device_budget", cfg.device_budget, device_bytes, device_slots)]
-    for name, budget, nbytes, slots in checks:
-        if slots < need:
-            raise BudgetTooSmallError(
-                f"{name}={budget} ({format_bytes(nbytes)}) holds {slots} expert(s) of {format_bytes(slot_nbytes)}, "
-                f"but each token is routed to {need} experts per layer, so at least {need} must fit at once. "
-                f"Raise {name} to at least {format_bytes(need * slot_nbytes)} ({need} experts; the model has "
-                f"{format_bytes(total)} of experts in all)."
-            )
-    return host_slots, device_slots
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weights: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return out.clone()
 
-
-def inspect_checkpoint(model: nn.Module, folder: str) -> tuple[MoETopology, ExpertLayout, list[str]]:
-    """Topology of `model` (meta or loaded), the byte layout of its experts in the checkpoint at `folder`, and the
-    checkpoint keys that hold expert weights (with their scales, for quantized checkpoints).
-
-    Reads and validates every safetensors header; reads no tensor data.
-    """
-    topology = describe_model(model)
-    tensors = {}
-    for path in checkpoint_files(folder):
-        tensors.update(read_header(path).tensors)
-    tensors, quantized = fold_quantized(tensors)
-    targets = resolve_expert_keys(model, list(tensors), topology)
-    block = (checkpoint_quantization(folder) or {}).get("weight_block_size")
-    layout = build_layout(topology, tensors, targets, quantized, tuple(block) if block else None)
-    keys = {k for t in targets for k in (quantized[t].keys if t in quantized else (t,))}
-    return topology, layout, sorted(keys)
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        raise UnsupportedFeatureError(
+            "backward through offloaded experts is not supported: their weights live in a cache whose slots are "
+            "reused, so gradients cannot be computed. Run inference under torch.no_grad() / torch.inference_mode(), "
+            "or train the model without offload_config"
+        )
 
 
 class OffloadEngine:
-    """Everything one offloaded model needs at run time."""
+    """Everything one offloaded model needs at run time.
 
-    def __init__(self, model: nn.Module, folder: str, cfg: OffloadConfig):
-        self.config, self.folder = cfg, folder
-        self.device = resolve_device(cfg)
-        self.topology, self.layout, _ = inspect_checkpoint(model, folder)
-        self.host_slots, self.device_slots = plan_slots(cfg, self.topology, self.layout.slot_nbytes, self.device)
-        make_policy(cfg.policy)  # fail early on an unknown name
+    Args:
+        model: the model `from_pretrained` loaded with its expert weights left out.
+        plan: the validated plan of that load (`make_plan`).
+    """
+
+    def __init__(self, model: nn.Module, plan: LoadPlan):
+        self.plan, self.config, self.folder, self.device = plan, plan.config, plan.folder, plan.device
+        self.topology = describe_model(model)
+        got = [layer.module_name for layer in self.topology.layers]
+        if got != [layer.module_name for layer in plan.topology.layers]:
+            raise OffloadStateError(
+                f"the loaded model's MoE layers {got} differ from the planned ones "
+                f"{[layer.module_name for layer in plan.topology.layers]}; this is a bug, please report it"
+            )
+        self.layout, self.host_slots, self.device_slots = plan.layout, plan.host_slots, plan.device_slots
+        cfg = plan.config
         self.stats = OffloadStats()
         self.store = ExpertStore(self.layout, cfg.io_mode)
         if cfg.io_mode != "cached":
@@ -128,18 +94,17 @@ class OffloadEngine:
             stats=self.stats,
         )
         self._num_experts = {layer.layer: layer.num_experts for layer in self.topology.layers}
-        self.prefetcher = self._make_prefetcher(cfg)
+        self.prefetcher = self._make_prefetcher()
         for layer in self.topology.layers:
-            layer.module.__dict__["_hf_moe_offload"] = LayerHandle(self, layer.layer)
+            layer.module.__dict__[HANDLE_ATTR] = LayerHandle(self, layer.layer)
             # Undecorated families get an instance forward that calls run_layer (decorated ones: a no-op).
-            layer.adapter.install_forward(layer.module, functools.partial(run_layer, layer.module, self, layer.layer))
-        self._finalizer = weakref.finalize(self, self.cache.close)
+            layer.adapter.install_forward(layer.module, functools.partial(self.run_layer, layer.layer))
+        # Not a bound method: the finalizer must not keep the engine alive.
+        self._finalizer = weakref.finalize(self, _close, self.cache)
         _LIVE.add(self)
 
-    def _make_prefetcher(self, cfg: OffloadConfig) -> Prefetcher | None:
-        names = cfg.predictor_names
-        for name in names:  # validate every name before building anything
-            make_predictor(name, [1], 1)
+    def _make_prefetcher(self) -> Prefetcher | None:
+        names = self.config.predictor_names
         if not names:
             return None
         layers = self.topology.layers
@@ -147,11 +112,40 @@ class OffloadEngine:
         routers = {layer.layer: layer.router for layer in layers if layer.router is not None}
         predictors = [make_predictor(n, num_experts, top_k, routers=routers) for n in names]
         for p in predictors:
-            path = os.path.join(self.folder, CORRELATION_FILE)
-            if isinstance(p, CorrelationPredictor) and os.path.isfile(path):
-                p.load(path)
-        return Prefetcher(self.cache, predictors, num_experts, top_k, cfg.prefetch_depth, cfg.io_threads)
+            if isinstance(p, CorrelationPredictor) and self.plan.correlation_tables is not None:
+                p.tables = [t.copy() for t in self.plan.correlation_tables]
+        return Prefetcher(self.cache, predictors, num_experts, top_k, self.config.prefetch_depth, self.config.io_threads)
 
+    # -- the expert loop ---------------------------------------------------------------------------------------------
+    def run_layer(
+        self,
+        layer: int,
+        hidden: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        expert_fn: ExpertFn,
+    ) -> torch.Tensor:
+        """MoE layer `layer`: tell the prefetcher its routing, then run its experts (`execution.run_experts`)."""
+        if not self._finalizer.alive:
+            raise OffloadStateError(
+                "this offloaded model's engine was closed (offload_engine.close()); load the model again to use it"
+            )
+        step = None
+        if self.prefetcher is not None:
+            self.prefetcher.on_layer(layer, hidden, top_k_index)
+            step = self.prefetcher.step
+        run = functools.partial(
+            run_experts, cache=self.cache, layer=layer, num_experts=self._num_experts[layer], step=step
+        )
+        if not (torch.is_grad_enabled() and (hidden.requires_grad or top_k_weights.requires_grad)):
+            return run(hidden, top_k_index, top_k_weights, expert_fn)
+        # Slots are reused as soon as an expert is computed, so autograd must not keep them: compute without a
+        # graph and make a backward through this layer fail loudly instead of giving wrong gradients.
+        with torch.no_grad():
+            out = run(hidden, top_k_index, top_k_weights, expert_fn)
+        return _RefuseBackward.apply(hidden, top_k_weights, out)
+
+    # -- prediction ------------------------------------------------------------------------------------------------
     def predictor(self, name: str):
         """The active predictor registered as `name` (e.g. to `learn` a warm-up trace or `save` it)."""
         for p in self.prefetcher.predictors if self.prefetcher else []:
@@ -176,6 +170,7 @@ class OffloadEngine:
     def num_experts(self, layer: int) -> int:
         return self._num_experts[layer]
 
+    # -- statistics and lifetime -------------------------------------------------------------------------------------
     def stats_dict(self) -> dict:
         """Counters (`hits`, `misses`, `evictions`, `bytes_loaded`, `stall_seconds`, ...), memory and layout."""
         out = self.stats.snapshot()
@@ -193,5 +188,10 @@ class OffloadEngine:
         if self.prefetcher is not None:
             self.prefetcher.reset_metrics()
 
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
+
     def close(self) -> None:
+        """Stop the I/O threads, close the checkpoint files and free every slot buffer (idempotent)."""
         self._finalizer()

@@ -1,8 +1,7 @@
 """generate() integration: a LogitsProcessor marks the end of each decode step.
 
-`model.generate` of an offloaded model is wrapped (at instance level, reversibly: the original bound method is kept
-as `model._hf_moe_offload_generate`) so that each call starts a new request for the predictors and appends
-`StepBoundaryProcessor` to the logits processors. The processor runs after the last layer of every step, the moment
+`model.generate` of an offloaded model that generates is wrapped (at instance level) so that each call starts a
+new request for the predictors and appends `StepBoundaryProcessor` to the logits processors. The processor runs after the last layer of every step, the moment
 to prefetch the first layers of the next step. It never changes the scores.
 """
 
@@ -13,7 +12,7 @@ import functools
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-__all__ = ["StepBoundaryProcessor", "wrap_generate", "unwrap_generate"]
+__all__ = ["StepBoundaryProcessor", "wrap_generate"]
 
 
 class StepBoundaryProcessor(LogitsProcessor):
@@ -35,11 +34,4 @@ def wrap_generate(model, engine) -> None:
         processors.append(StepBoundaryProcessor(engine))
         return original(*args, logits_processor=processors, **kwargs)
 
-    model._hf_moe_offload_generate = original
     model.generate = generate
-
-
-def unwrap_generate(model) -> None:
-    original = model.__dict__.pop("_hf_moe_offload_generate", None)
-    if original is not None:
-        model.__dict__.pop("generate", None)

@@ -6,6 +6,7 @@ from .predictors import (
     HistoryPredictor,
     Predictor,
     list_predictors,
+    load_correlation_tables,
     make_predictor,
     register_predictor,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "HistoryPredictor",
     "Predictor",
     "list_predictors",
+    "load_correlation_tables",
     "make_predictor",
     "register_predictor",
     "Prefetcher",

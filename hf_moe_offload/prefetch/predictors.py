@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from ..errors import CorruptCheckpointError
 from ..registry import Registry
 from .trace import RoutingTrace
 
@@ -31,6 +32,7 @@ __all__ = [
     "GateLookahead",
     "CorrelationPredictor",
     "HistoryPredictor",
+    "load_correlation_tables",
 ]
 
 
@@ -102,16 +104,22 @@ class GateLookahead(Predictor):
 
     def _call(self, layer: int, router: Callable, hidden: torch.Tensor):
         """Call a router on `(T, H)` or, failing that, `(1, T, H)`; a router that takes neither (an extra argument,
-        another layout) is dropped for good: a prediction must never break the forward."""
+        another layout) is dropped for good: a prediction must never break the forward.
+
+        The router's `forward` is called, not the module: its forward hooks (transformers' output recorders that
+        collect `router_logits`, user hooks, counters) never see a look-ahead call, so prediction leaves every
+        output unchanged."""
+        forward = getattr(router, "forward", router)
         for x in (hidden, hidden.unsqueeze(0)):
             try:
-                res = router(x)
+                res = forward(x)
             except Exception:  # noqa: BLE001 - any failure just means "no prediction from this router"
                 continue
             first = res[0] if isinstance(res, tuple) else res
             if torch.is_tensor(first) and first.shape[-1] == self.num_experts[layer]:
-                return tuple(r.reshape(-1, r.shape[-1]) if torch.is_tensor(r) else r for r in res) if isinstance(
-                    res, tuple) else res.reshape(-1, res.shape[-1])  # fmt: skip
+                if not isinstance(res, tuple):
+                    return res.reshape(-1, res.shape[-1])
+                return tuple(r.reshape(-1, r.shape[-1]) if torch.is_tensor(r) else r for r in res)
         self.routers.pop(layer, None)
         return None
 
@@ -161,11 +169,33 @@ class CorrelationPredictor(Predictor):
         np.savez_compressed(path, *self.tables)
 
     def load(self, path: str) -> None:
-        with np.load(path) as z:
-            tables = [z[f"arr_{i}"] for i in range(len(z.files))]
-        if [t.shape for t in tables] != [t.shape for t in self.tables]:
-            raise ValueError(f"{path}: correlation tables of shapes {[t.shape for t in tables]} do not fit this model")
-        self.tables = tables
+        """Replace the tables by the ones saved at `path` (`CorruptCheckpointError` if they do not fit)."""
+        self.tables = load_correlation_tables(path, self.num_experts)
+
+
+def load_correlation_tables(path: str, num_experts: Sequence[int]) -> list[np.ndarray]:
+    """Read a correlation table saved by `CorrelationPredictor.save` and check it fits a model whose MoE layers
+    have `num_experts` experts each.
+
+    Raises:
+        CorruptCheckpointError: the file is not a readable `.npz`, or its tables have other shapes, non-finite or
+            negative counts.
+    """
+    expected = [(num_experts[i], num_experts[i + 1]) for i in range(len(num_experts) - 1)]
+    fix = f"delete {path} (it is rebuilt by engine.save_correlation()) or load with another prefetch"
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            tables = [np.asarray(z[f"arr_{i}"], dtype=np.float64) for i in range(len(z.files))]
+    except Exception as e:  # noqa: BLE001 - any failure to read means the side file is unusable
+        raise CorruptCheckpointError(f"{path}: not a readable correlation table ({type(e).__name__}: {e}); {fix}") from None
+    shapes = [t.shape for t in tables]
+    if shapes != expected:
+        raise CorruptCheckpointError(
+            f"{path}: correlation tables of shapes {shapes} do not fit this model (expected {expected}); {fix}"
+        )
+    if any(not np.isfinite(t).all() or (t < 0).any() for t in tables):
+        raise CorruptCheckpointError(f"{path}: correlation tables hold negative or non-finite counts; {fix}")
+    return tables
 
 
 @register_predictor("history")

@@ -44,8 +44,15 @@ class Prefetcher:
     io_threads: loader threads (for the adaptive per-layer allowance).
     """
 
-    def __init__(self, cache: ExpertCache, predictors: list[Predictor], num_experts, top_k: int, depth: int = 1,
-                 io_threads: int = 2):  # fmt: skip
+    def __init__(
+        self,
+        cache: ExpertCache,
+        predictors: list[Predictor],
+        num_experts: list[int],
+        top_k: int,
+        depth: int = 1,
+        io_threads: int = 2,
+    ):
         self.cache, self.predictors = cache, predictors
         self.num_experts, self.top_k, self.depth = list(num_experts), top_k, depth
         self.num_layers = len(self.num_experts)
@@ -58,7 +65,7 @@ class Prefetcher:
         self._layer_gap, self._last_time = None, None
         self._last_size = 1
         self.min_evidence = 16
-        cache.recent_window = self.num_layers  # a full decode step
+        cache.keep_recent(self.num_layers)  # a full decode step
 
     # -- events --------------------------------------------------------------------------------------------------
     def begin_request(self) -> None:
@@ -68,7 +75,7 @@ class Prefetcher:
 
     def on_layer(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor) -> None:
         now = time.perf_counter()
-        self.cache.tick += 1
+        self.cache.advance_tick()
         if layer <= self._last_layer:  # a new forward pass without a step-boundary call (plain forward)
             self.step += 1
         if self._last_time is not None and layer == self._last_layer + 1:
@@ -97,10 +104,9 @@ class Prefetcher:
     # -- internals -----------------------------------------------------------------------------------------------
     def _allowance(self) -> int:
         """Speculative loads per layer that the I/O rate can finish before the next layers need them."""
-        snap = self.cache.stats.snapshot()
-        if not snap["loads"] or self._layer_gap is None:
+        per_load = self.cache.stats.mean_load_seconds()
+        if per_load is None or self._layer_gap is None:
             return self.top_k * self.depth
-        per_load = snap["load_seconds"] / snap["loads"]
         return max(1, int(self.io_threads * self.depth * self._layer_gap / max(per_load, 1e-6)) + 1)
 
     def _issue(self, layer: int, hidden, targets: list[int], size: int) -> None:
@@ -130,7 +136,7 @@ class Prefetcher:
         npred = sum(self._npred.values())
         if npred < self.min_evidence:
             return True
-        return sum(self._tp.values()) / npred > self.cache.stats.snapshot()["hit_rate"]
+        return sum(self._tp.values()) / npred > self.cache.stats.hit_rate()
 
     def _score(self, layer: int, actual: set[int]) -> None:
         predicted = self._predicted.pop((self.step, layer), None)

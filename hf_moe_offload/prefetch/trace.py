@@ -2,18 +2,29 @@
 
 One row per (call of a MoE layer, token): `step` (0 = prefill, then one per generated token), `layer`, `token`
 (position within that call), `experts (k,) int16` and `weights (k,) float16`, and optionally `lookahead (k,)`: the
-experts the next layer's router picked from this layer's input, so that a replay can emulate gate lookahead. Saved as a compressed `.npz`. Traces
-are recorded from a model with learned routing (`integration.tracing.record_routing`) and feed predictor tests and
-benchmarks, or are replayed onto a model of another size (`integration.tracing.replay_routing`).
+experts the next layer's router picked from this layer's input, so that a replay can emulate gate lookahead. Saved
+as a compressed `.npz`. Traces are recorded from a model of any MoE family (`integration.tracing.record_routing`)
+and feed predictor tests, benchmarks and routing statistics (`bench.routing_stats`), or are replayed onto a model
+of another size (`integration.tracing.replay_routing`).
+
+```
+trace --sequences()--> one trace per sequence, one token per step (a teacher-forced pass, as if decoded)
+trace --simulate_cache(capacity, policy)--> (hits, lookups) of the real eviction policy (`cache.policies.replay`)
+```
+Expert ids `>= num_experts` (a token Switch dropped for capacity, a LongCat zero expert) name no weights: the
+simulation does not count them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["RoutingTrace", "map_routing"]
+from ..cache.policies import EvictionPolicy, replay
+
+__all__ = ["RoutingTrace", "map_routing", "simulate_cache"]
 
 
 @dataclass
@@ -59,6 +70,45 @@ class RoutingTrace:
             out[int(s)].update(int(e) for e in row)
         return out
 
+    def sequences(self, batch: int | None = None) -> list[RoutingTrace]:
+        """One trace per sequence, each of its tokens a step of its own, in order (decode order).
+
+        Each layer call's tokens are split batch-major into `batch` equal runs (a prefill of `batch x P` tokens, a
+        decode step of `batch`), so a teacher-forced forward over `batch` sequences reads as `batch` token-by-token
+        decodes, and a recorded generation as its sequences' prompts then generated tokens.
+
+        Args:
+            batch: sequences per call; default `meta["batch"]` (set by the recorder's caller).
+
+        Raises:
+            ValueError: when the batch is unknown or a call's token count is not a multiple of it.
+        """
+        batch = int(batch or self.meta.get("batch") or 0)
+        if batch < 1:
+            raise ValueError("sequences: the trace does not record its batch size (meta['batch']); pass batch=")
+        seq = np.zeros(len(self.step), np.int64)
+        pos = np.zeros(len(self.step), np.int32)
+        done = np.zeros(self.num_layers, np.int64)  # tokens of each sequence seen so far, per layer
+        order = np.lexsort((self.token, self.layer, self.step))
+        call = self.step[order].astype(np.int64) * self.num_layers + self.layer[order]
+        for rows in np.split(order, np.flatnonzero(np.diff(call)) + 1) if len(order) else []:
+            if len(rows) % batch:
+                step, layer = int(self.step[rows[0]]), int(self.layer[rows[0]])
+                raise ValueError(f"sequences: step {step} of layer {layer} routed {len(rows)} tokens, not a "
+                                 f"multiple of the batch {batch}")  # fmt: skip
+            per, layer = len(rows) // batch, int(self.layer[rows[0]])
+            seq[rows] = np.arange(len(rows)) // per
+            pos[rows] = done[layer] + np.arange(len(rows)) % per
+            done[layer] += per
+        out = []
+        for b in range(batch):
+            sel = np.flatnonzero(seq == b)
+            look = self.lookahead[sel] if self.lookahead is not None else None
+            out.append(RoutingTrace(self.num_layers, self.num_experts, self.top_k, pos[sel], self.layer[sel],
+                                    np.zeros(len(sel), np.int32), self.experts[sel], self.weights[sel],
+                                    {**self.meta, "batch": 1, "sequence": b}, look))  # fmt: skip
+        return out
+
     def save(self, path: str) -> None:
         np.savez_compressed(
             path,
@@ -97,6 +147,45 @@ class RoutingTrace:
         look = np.concatenate(looks) if looks and len(looks) == len(chunks) else None
         return cls(num_layers, num_experts, top_k, np.concatenate(steps), np.concatenate(layers),
                    np.concatenate(tokens), np.concatenate(experts), np.concatenate(weights), meta, look)  # fmt: skip
+
+
+def simulate_cache(
+    trace: RoutingTrace,
+    capacity: int,
+    policy: str | EvictionPolicy = "lru",
+    layers: Iterable[int] | None = None,
+    count_from: int = 0,
+) -> tuple[int, int]:
+    """Replay `trace` through a cache of `capacity` experts run by a real eviction policy (`cache.policies.replay`).
+
+    The cache sees the layer calls in order (step, then layer), each asking for the distinct experts its tokens
+    use, keyed `(layer, expert)` as in `ExpertCache`, from a cold start. To score a teacher-forced pass as
+    token-by-token decoding, replay each of `trace.sequences()` (one token per call).
+
+    Args:
+        trace: the routing to replay.
+        capacity: experts the cache holds (over all replayed layers); at least the distinct experts of one call.
+        policy: a registered eviction policy name or instance (`"lru"`, `"lfu"`).
+        layers: replay only these layers (one layer: a cache of that layer alone); default all.
+        count_from: steps before this one warm the cache but are not counted (e.g. 1 skips the prefill).
+
+    Returns:
+        `(hits, lookups)`; the hit rate is `hits / lookups`. Sum both over traces before dividing.
+
+    Example:
+        ```python
+        >>> hits, lookups = simulate_cache(trace, capacity=2, layers=[0])
+        ```
+    """
+    rows = np.arange(len(trace.step)) if layers is None else np.flatnonzero(np.isin(trace.layer, list(layers)))
+    rows = rows[np.lexsort((trace.layer[rows], trace.step[rows]))]
+    call = trace.step[rows].astype(np.int64) * trace.num_layers + trace.layer[rows]
+    requests, warmup = [], 0
+    for group in np.split(rows, np.flatnonzero(np.diff(call)) + 1) if len(rows) else []:
+        layer, experts = int(trace.layer[group[0]]), np.unique(trace.experts[group])
+        requests.append([(layer, int(e)) for e in experts if 0 <= e < trace.num_experts])
+        warmup += int(trace.step[group[0]] < count_from)
+    return replay(policy, requests, capacity, count_from=warmup)
 
 
 def map_routing(

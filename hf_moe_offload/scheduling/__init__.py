@@ -1,15 +1,18 @@
 """Scheduling: hardware profile, roofline planner, auto configuration, compute placement, token scheduler."""
 
 from .auto import auto_config, resolve_auto
-from .planner import Plan, expected_distinct, place_expert, plan
+from .model_plan import plan_for_model
+from .planner import Plan, expected_distinct, lower_bound, place_expert, plan
 from .profile import HardwareProfile, measure_profile
 from .token_scheduler import group_sequences
 
 __all__ = [
     "auto_config",
     "resolve_auto",
+    "plan_for_model",
     "Plan",
     "expected_distinct",
+    "lower_bound",
     "place_expert",
     "plan",
     "HardwareProfile",

@@ -1,9 +1,10 @@
 r"""`OffloadConfig(mode="auto")`: concrete budgets and prefetch depth from the machine's free memory and profile.
 
 ```
-OffloadConfig (mode="auto") + topology summary + HardwareProfile (measured once, cached as JSON)
-    --> host_budget   = free host RAM - dense weights (when they live on the host) - KV of the planned batch - reserve
-    --> device_budget = free accelerator memory - dense weights - KV - reserve                   (CUDA only)
+OffloadConfig (mode="auto") + topology summary + model config + HardwareProfile (measured once, cached as JSON)
+    --> memory the run may use = free memory - reserve_fraction       (host RAM; and the accelerator's on CUDA)
+    --> model_plan.plan_for_model (what `hf-moe-offload plan` calls): the computing tier keeps the dense weights
+        and the KV cache of `batch_size` sequences of `context` tokens, the rest is expert slots
     --> prefetch_depth = layers one expert load needs to hide behind compute, ceil(load / layer compute), 1..4
     --> {"host_budget": int, "device_budget": int, "prefetch_depth": int}  ->  dataclasses.replace(cfg, **values)
 ```
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
 import os
 from typing import Any
@@ -23,7 +25,8 @@ from typing import Any
 import torch
 
 from ..config import OffloadConfig
-from .planner import ModelShape, estimate_step
+from .model_plan import DEFAULT_CONTEXT, plan_for_model, shape_for_model
+from .planner import ModelShape, expert_slots
 from .profile import HardwareProfile, canonical_dims, measure_profile
 
 __all__ = ["resolve_auto", "auto_config", "auto_profile", "default_profile_dir"]
@@ -52,8 +55,10 @@ def resolve_auto(
     host_memory_bytes: int | None = None,
     device_memory_bytes: int | None = None,
     reserve_fraction: float = 0.1,
+    model_config=None,
     batch_size: int = 1,
-    seq_bytes: int = 0,
+    context: int = DEFAULT_CONTEXT,
+    seq_bytes: int | None = None,
     max_depth: int = 4,
 ) -> dict[str, int]:
     """Concrete `OffloadConfig` values for `mode="auto"`.
@@ -61,45 +66,45 @@ def resolve_auto(
     Args:
         cfg: the user's config (its `device` decides whether an accelerator budget is needed).
         topology_summary: `MoETopology.summary()` (or a `ModelShape`).
-        profile: the machine's profile; without one `prefetch_depth` keeps `cfg.prefetch_depth`.
+        profile: the machine's profile; without one the budgets come from memory alone and `prefetch_depth` keeps
+            `cfg.prefetch_depth`.
         device: overrides `cfg.device` (e.g. the engine's resolved device).
         host_memory_bytes: host memory available; default `psutil.virtual_memory().available`.
         device_memory_bytes: accelerator memory available; default the free memory CUDA reports.
         reserve_fraction: share of each memory kept free for activations and the allocator.
-        batch_size, seq_bytes: sequences expected at once and KV bytes per sequence, reserved from the tier that
-            holds the KV cache.
+        model_config: a `PretrainedConfig` or its dict, for the KV cache and embedding sizes.
+        batch_size, context: sequences expected at once and their tokens; their KV cache is reserved from the
+            tier that holds it.
+        seq_bytes: KV bytes per sequence, instead of `context` tokens of `model_config`'s KV.
         max_depth: the deepest prefetch (predictions get worse with distance).
 
     Returns:
         `{"host_budget": bytes, "device_budget": bytes, "prefetch_depth": layers}`.
     """
-    shape = topology_summary if isinstance(topology_summary, ModelShape) else ModelShape.from_summary(topology_summary)
     dev = _device(cfg, device)
     if host_memory_bytes is None:
         import psutil
 
         host_memory_bytes = psutil.virtual_memory().available
-    least, most = shape.top_k * shape.expert_nbytes, shape.total_expert_nbytes
-    kv = batch_size * seq_bytes
+    if dev.type == "cuda" and device_memory_bytes is None:
+        device_memory_bytes = torch.cuda.mem_get_info(dev)[0]
     host = int(host_memory_bytes * (1 - reserve_fraction))
-    device_budget = 0
-    if dev.type == "cuda":
-        if device_memory_bytes is None:
-            device_memory_bytes = torch.cuda.mem_get_info(dev)[0]
-        device_budget = int(device_memory_bytes * (1 - reserve_fraction)) - shape.other_nbytes - kv
-        device_budget = min(max(device_budget, least), most)
-    else:
-        host -= shape.other_nbytes + kv
-    host_budget = min(max(host, least), most)
-
+    device_mem = int(device_memory_bytes * (1 - reserve_fraction)) if dev.type == "cuda" else None
+    shape, kv = shape_for_model(topology_summary, model_config)
+    seq_bytes = context * kv if seq_bytes is None else seq_bytes
     depth = cfg.prefetch_depth
     if profile is not None:
-        slots = (device_budget if dev.type == "cuda" else host_budget) // shape.expert_nbytes
-        cost = estimate_step(profile, shape, batch_size, slots, host_budget // shape.expert_nbytes,
-                             seq_bytes=seq_bytes, on_device=dev.type == "cuda")  # fmt: skip
-        layer_compute = max(sum(cost.compute_s) / shape.num_layers, 1e-9)
-        one_load = shape.expert_nbytes / profile.disk_read_Bps
-        depth = min(max(1, math.ceil(one_load / layer_compute)), max_depth)
+        p = plan_for_model(profile, topology_summary, host, model_config=model_config, seq_bytes=seq_bytes,
+                           device_memory_bytes=device_mem, batch_candidates=(batch_size,))  # fmt: skip
+        host_budget, device_budget = p.host_budget_bytes, p.device_budget_bytes
+        layer_compute = max(sum(p.compute_s) / shape.num_layers, 1e-9)
+        depth = min(max(1, math.ceil(shape.expert_nbytes / profile.disk_read_Bps / layer_compute)), max_depth)
+    else:
+        host_slots, device_slots = expert_slots(shape, batch_size, seq_bytes, host, device_mem)
+        host_budget, device_budget = host_slots * shape.expert_nbytes, device_slots * shape.expert_nbytes
+    least, most = shape.top_k * shape.expert_nbytes, shape.total_expert_nbytes
+    host_budget = min(max(host_budget, least), most)
+    device_budget = min(max(device_budget, least), most) if dev.type == "cuda" else 0
     return {"host_budget": host_budget, "device_budget": device_budget, "prefetch_depth": depth}
 
 
@@ -124,10 +129,27 @@ def auto_profile(
     return profile
 
 
+def _config_beside(sample_file: str | None) -> dict | None:
+    """The `config.json` of the checkpoint folder that holds `sample_file`, as a dict (None when absent)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(sample_file)), "config.json") if sample_file else None
+    if path is None or not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 def auto_config(
     cfg: OffloadConfig, topology_summary: dict[str, Any], sample_file: str | None = None, **kwargs
 ) -> OffloadConfig:
     """`cfg` with `resolve_auto`'s values filled in (the profile from `auto_profile` on `sample_file`'s disk).
+
+    Args:
+        cfg: the user's config.
+        topology_summary: `MoETopology.summary()`.
+        sample_file: a checkpoint file: its disk is profiled, and the `config.json` beside it gives the KV cache
+            and embedding sizes unless `model_config=` is passed.
+        **kwargs: `profile=` (skips `auto_profile`) and `resolve_auto`'s keyword arguments (`device`,
+            `model_config`, `batch_size`, `context`, `host_memory_bytes`, ...).
 
     Example:
         ```python
@@ -137,4 +159,6 @@ def auto_config(
     """
     dev = _device(cfg, kwargs.get("device"))
     profile = kwargs.pop("profile", None) or auto_profile(topology_summary, sample_file, dev)
+    if kwargs.get("model_config") is None:
+        kwargs["model_config"] = _config_beside(sample_file)
     return dataclasses.replace(cfg, **resolve_auto(cfg, topology_summary, profile, **kwargs))

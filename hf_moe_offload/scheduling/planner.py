@@ -7,16 +7,16 @@ routing (uniform, or a recorded trace) ------------+      distinct experts d(B) 
 memory budget, latency limit ----------------------+      cache slots C (memory left after dense weights and KV)
                                                           hit rate h(C) -> misses d*(1-h) -> transfer time
                                                           d*a + b*B*k + dense(B)/L         -> compute time
-                                                          layer = max(transfer, compute)  (loads overlap compute)
+                                                          layer = lower_bound: max(compute, bytes / bandwidth)
                                                           step = sum over layers; tokens/s = B / step
                                                      --> the feasible B with the most tokens/s -> Plan
 ```
-The engine already shares each expert load across a batch (`run_layer` loads an expert once for all its tokens),
+The engine already shares each expert load across a batch (`run_experts` loads an expert once for all its tokens),
 so the batch size *is* the micro-batch of Klotski: loads are amortised over B sequences, and the planner finds
 where the step turns from transfer-bound into compute-bound (`min_overlap_batch`). With an accelerator, the layer
 cost is MoE-Lightning's hierarchical roofline: the max over disk reads, host -> device copies, CPU compute and
 accelerator compute; a missed expert is computed on the CPU when that beats copying it (Fiddler,
-`place_expert`). The hit rate comes from a mean-field model of LRU over `L * E` experts (`lru_hit_rate`);
+`place_expert`). The hit rate comes from a mean-field model of LRU over `L * E` experts (`expected_lru_hit_rate`);
 a measured hit rate or a measured distinct-experts curve (`distinct_from_trace`) replaces the model's guess.
 Formulas and assumptions: docs/planner.md.
 """
@@ -35,8 +35,8 @@ from ..prefetch.trace import map_routing
 from .profile import HardwareProfile
 
 __all__ = [
-    "ModelShape", "StepCost", "Plan", "plan", "estimate_step", "place_expert", "expected_distinct",
-    "distinct_from_trace", "lru_hit_rate", "DEFAULT_BATCHES",
+    "ModelShape", "StepCost", "Plan", "plan", "estimate_step", "lower_bound", "expert_slots", "place_expert",
+    "expected_distinct", "distinct_from_trace", "expected_lru_hit_rate", "DEFAULT_BATCHES",
 ]  # fmt: skip
 
 DEFAULT_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -108,7 +108,7 @@ def distinct_from_trace(
     return out
 
 
-def lru_hit_rate(capacity: int, num_layers: int, num_experts: int, distinct: float) -> float:
+def expected_lru_hit_rate(capacity: int, num_layers: int, num_experts: int, distinct: float) -> float:
     """Expected LRU hit rate of a shared cache of `capacity` experts over `L * E` when each layer uses `distinct`
     uniformly random experts per step (the independent-reference model, in its mean-field form).
 
@@ -116,6 +116,10 @@ def lru_hit_rate(capacity: int, num_layers: int, num_experts: int, distinct: flo
     about `N (1 - (1 - p)^j)` with `N = L E` and `p = distinct / E`; `j` is geometric in `p`, so the hit rate is
     `1 - (1 - p)^j_max`. It is about `C / N` when each step touches few experts, and 0 when one step's working
     set `L * distinct` exceeds the cache (LRU on a cyclic scan).
+
+    A model, not a measurement: the hit rate the cache's own LRU policy gets on a recorded routing is
+    `prefetch.trace.simulate_cache(trace, capacity)` (hits, lookups), which `tests/test_scheduling.py` checks this
+    model against.
     """
     total = num_layers * num_experts
     if capacity >= total:
@@ -162,6 +166,27 @@ class StepCost:
     memory: dict[str, int] = field(default_factory=dict)
 
 
+def lower_bound(
+    compute_s: float | None,
+    read_bytes: float | None,
+    read_Bps: float | None,
+    h2d_bytes: float | None = None,
+    h2d_Bps: float | None = None,
+) -> float | None:
+    """The roofline: `max(compute, read bytes / read bandwidth, h2d bytes / h2d bandwidth)` over the known terms.
+
+    A step (or one layer of it) cannot be faster than its computation, nor than the time its bytes take to arrive
+    (DESIGN.md section 6). `estimate_step` costs each layer with it; `hf-moe-offload bench` divides it by the
+    measured step (`efficiency`). Returns None when no term is known.
+    """
+    terms = [compute_s] if compute_s is not None else []
+    if read_bytes is not None and read_Bps:
+        terms.append(read_bytes / read_Bps)
+    if h2d_bytes and h2d_Bps:
+        terms.append(h2d_bytes / h2d_Bps)
+    return max(terms) if terms else None
+
+
 def _dense_step_s(shape: ModelShape, profile: HardwareProfile, batch: int, seq_bytes: int, on_device: bool) -> float:
     """Non-expert time of one step: stream the dense weights once, their FLOPs per token, and read each KV cache."""
     mem = profile.device_mem_Bps if on_device else profile.cpu_mem_Bps
@@ -181,7 +206,7 @@ def estimate_step(
         compute_slots: experts the compute tier holds (host slots on CPU, device slots with an accelerator).
         host_slots: experts the host tier holds (with an accelerator).
         distinct: distinct experts per layer at this batch; default `expected_distinct` (uniform routing).
-        hit_rate: a measured compute-tier hit rate; default `lru_hit_rate`.
+        hit_rate: a measured compute-tier hit rate; default `expected_lru_hit_rate`.
         seq_bytes: KV cache bytes per sequence (read once per step by attention).
         read_Bps: expert read bandwidth; default `profile.disk_read_Bps`.
         on_device: cost the accelerator path; default whenever `profile` has accelerator timings.
@@ -191,39 +216,59 @@ def estimate_step(
     read_Bps = read_Bps or profile.disk_read_Bps
     mean_d = sum(distinct) / L
     on_device = profile.has_device if on_device is None else on_device and profile.has_device
-    h = lru_hit_rate(compute_slots, L, E, mean_d) if hit_rate is None else hit_rate
+    h = expected_lru_hit_rate(compute_slots, L, E, mean_d) if hit_rate is None else hit_rate
     dense = _dense_step_s(shape, profile, batch, seq_bytes, on_device) / L
     cpu, placement = profile.cpu_fit, "cpu"
-    transfer, compute, serial = [], [], 0.0
+    transfer, compute, layers, serial = [], [], [], 0.0
     for d in distinct:
         n_bar = batch * k / d if d > 0 else 0.0
         if not on_device:
-            t_link = d * (1 - h) * nbytes / read_Bps
+            read_bytes, h2d_bytes = d * (1 - h) * nbytes, 0.0
             t_proc = d * cpu.a + cpu.b * batch * k + dense
-            serial += t_link + t_proc
+            serial += read_bytes / read_Bps + t_proc
         else:
             dev = profile.device_fit
-            h_host = max(h, lru_hit_rate(host_slots, L, E, mean_d)) if hit_rate is None else h
+            h_host = max(h, expected_lru_hit_rate(host_slots, L, E, mean_d)) if hit_rate is None else h
             missed = d * (1 - h)
-            disk_s = d * (1 - h_host) * nbytes / read_Bps
+            read_bytes = d * (1 - h_host) * nbytes
             placement = place_expert(n_bar, profile)
             if placement == "device":
-                h2d_s, cpu_s = missed * nbytes / profile.h2d_Bps, 0.0
+                h2d_bytes, cpu_s = missed * nbytes, 0.0
                 dev_s = d * dev.a + dev.b * batch * k + dense
             else:
-                h2d_s, cpu_s = 0.0, missed * cpu(n_bar)
+                h2d_bytes, cpu_s = 0.0, missed * cpu(n_bar)
                 dev_s = d * h * dev(n_bar) + dense
-            t_link, t_proc = max(disk_s, h2d_s), max(dev_s, cpu_s)
-            serial += disk_s + h2d_s + dev_s + cpu_s
-        transfer.append(t_link)
+            t_proc = max(dev_s, cpu_s)
+            serial += read_bytes / read_Bps + h2d_bytes / profile.h2d_Bps + dev_s + cpu_s
+        transfer.append(lower_bound(0.0, read_bytes, read_Bps, h2d_bytes, profile.h2d_Bps))
         compute.append(t_proc)
-    step = sum(max(t, c) for t, c in zip(transfer, compute))
+        layers.append(lower_bound(t_proc, read_bytes, read_Bps, h2d_bytes, profile.h2d_Bps))
+    step = sum(layers)
     return StepCost(
         batch_size=batch, feasible=True, reason="", compute_slots=compute_slots, host_slots=host_slots, hit_rate=h,
         placement=placement, distinct=distinct, transfer_s=transfer, compute_s=compute, step_s=step,
         serial_step_s=serial, tokens_per_s=batch / step if step > 0 else math.inf,
         bubble_fraction=1.0 - sum(compute) / step if step > 0 else 0.0,
     )  # fmt: skip
+
+
+def expert_slots(
+    shape: ModelShape, batch: int, seq_bytes: int, memory_bytes: int, device_memory_bytes: int | None = None,
+    reserve_bytes: int = 0,
+) -> tuple[int, int]:  # fmt: skip
+    """`(host slots, device slots)`: the experts each tier holds once the run's other bytes are reserved.
+
+    The tier that computes (the host without `device_memory_bytes`, else the accelerator) first keeps the dense
+    weights (`shape.other_nbytes`, embeddings included), `batch` KV caches of `seq_bytes` and `reserve_bytes`;
+    the other tier keeps `reserve_bytes`. Slots are whole experts, 0 to all `L * E` of them.
+    """
+    nbytes, n_experts = shape.expert_nbytes, shape.num_layers * shape.num_experts
+    held = shape.other_nbytes + batch * seq_bytes + reserve_bytes
+    if device_memory_bytes is None:
+        host_cache, device_cache = memory_bytes - held, 0
+    else:  # dense weights and KV caches live on the accelerator
+        host_cache, device_cache = memory_bytes - reserve_bytes, device_memory_bytes - held
+    return max(0, min(host_cache // nbytes, n_experts)), max(0, min(device_cache // nbytes, n_experts))
 
 
 def _distinct_at(curve: dict[int, list[float]] | None, batch: int, shape: ModelShape) -> list[float] | None:
@@ -337,24 +382,17 @@ def plan(
         raise ValueError(f"read_from: expected 'disk' or 'page_cache', got {read_from!r}")
     read_Bps = profile.page_cache_read_Bps if read_from == "page_cache" else profile.disk_read_Bps
     on_device = device_memory_bytes is not None and profile.has_device
-    n_experts, nbytes = shape.num_layers * shape.num_experts, shape.expert_nbytes
-    candidates = []
+    nbytes, candidates = shape.expert_nbytes, []
     for batch in sorted(set(int(b) for b in batch_candidates)):
-        seqs = batch * seq_bytes
-        if on_device:  # dense weights and KV caches live on the accelerator
-            device_cache = device_memory_bytes - shape.other_nbytes - seqs - reserve_bytes
-            host_cache = memory_budget_bytes - reserve_bytes
-        else:
-            device_cache, host_cache = 0, memory_budget_bytes - shape.other_nbytes - seqs - reserve_bytes
-        host_slots = max(0, min(host_cache // nbytes, n_experts))
-        device_slots = max(0, min(device_cache // nbytes, n_experts))
+        host_slots, device_slots = expert_slots(shape, batch, seq_bytes, memory_budget_bytes,
+                                                device_memory_bytes if on_device else None, reserve_bytes)  # fmt: skip
         compute_slots = device_slots if on_device else host_slots
         cost = estimate_step(
             profile, shape, batch, compute_slots, host_slots if on_device else 0,
             distinct=_distinct_at(distinct_curve, batch, shape), hit_rate=hit_rate, seq_bytes=seq_bytes,
             read_Bps=read_Bps, on_device=on_device,
         )  # fmt: skip
-        cost.memory = {"dense": shape.other_nbytes, "sequences": seqs, "host_slots": host_slots * nbytes,
+        cost.memory = {"dense": shape.other_nbytes, "sequences": batch * seq_bytes, "host_slots": host_slots * nbytes,
                        "device_slots": device_slots * nbytes}  # fmt: skip
         if compute_slots < shape.top_k:
             cost.feasible, cost.reason = False, f"memory: {compute_slots} slots < top_k {shape.top_k}"

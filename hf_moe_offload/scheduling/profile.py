@@ -1,8 +1,8 @@
-r"""`HardwareProfile`: the measured numbers the planner's cost model divides by.
+r"""The one hardware measurement: `HardwareProfile`, the numbers the planner divides by and benchmarks' bounds.
 
 ```
-checkpoint file --fadvise(DONTNEED)--> pread blocks (cold) --> disk_read_Bps
-               \-- pread the same blocks again (warm) ----> page_cache_read_Bps
+checkpoint files --evict (fdatasync + fadvise DONTNEED)--> pread blocks (cold) ---> disk_read_Bps (best of samples)
+                 \-- pread the same blocks again (warm) ----------------------> page_cache_read_Bps
 one expert MLP at the model's shapes and dtype, n = 1 .. 256 tokens --> t(n) = a + b * n   (CPU, and the device)
 torch copy of a large buffer --> memory bandwidth (dense weights and KV are streamed at this rate)
 pinned host buffer --> device (CUDA only) --> h2d_Bps
@@ -14,9 +14,11 @@ and bytes equal the model's expert. Every timing is the minimum (or the median) 
 enough copies of the weights that they do not stay in the CPU caches: on a shared machine the minimum estimates
 what the hardware can do, the median what the neighbours leave over (see docs/planner.md).
 
-Cold reads use `posix_fadvise(DONTNEED)` first; a file that a live `mmap` maps stays cached whatever we advise,
-so measure on a file no other process maps, or pass the bandwidth yourself. This module never initialises CUDA
-unless asked for a CUDA profile.
+The planner (`planner.plan`) and `hf-moe-offload bench` (its lower bound per step, the `limits` of its JSON line)
+both read this profile: there is one read-bandwidth measurement (`measure_read_bandwidth`, with its eviction
+`evict_page_cache`) and one host -> device measurement (`measure_h2d_bandwidth`). Cold reads evict first; a file
+that a live `mmap` maps stays cached whatever we advise (DESIGN.md section 8), so measure files no other process
+maps, or pass the bandwidth yourself. This module never initialises CUDA unless asked for a CUDA profile.
 """
 
 from __future__ import annotations
@@ -27,16 +29,22 @@ import math
 import os
 import platform
 import random
+import statistics
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["LinearFit", "HardwareProfile", "measure_profile", "measure_read_bandwidth", "canonical_dims"]
+__all__ = [
+    "LinearFit", "HardwareProfile", "measure_profile", "measure_read_bandwidth", "measure_h2d_bandwidth",
+    "evict_page_cache", "list_files", "canonical_dims",
+]  # fmt: skip
 
 _VERSION = 1
 _TOKEN_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -77,8 +85,10 @@ class HardwareProfile:
         expert_nbytes: bytes of one expert (all its weights) at `dtype`.
         hidden_size, intermediate_size: the canonical gated MLP that was timed (same FLOPs and bytes as the expert).
         dtype: the compute dtype, e.g. `"bfloat16"`.
-        disk_read_Bps: cold read bandwidth (page cache evicted), bytes per second.
+        disk_read_Bps: cold read bandwidth (page cache evicted), bytes per second: the fastest of
+            `disk_samples_Bps` (the median with `meta["statistic"] == "median"`).
         page_cache_read_Bps: warm read bandwidth of the same bytes, or None if not measured.
+        disk_samples_Bps: every cold sample (empty when the bandwidth was given).
         cpu_mem_Bps: host memory bandwidth (a large tensor copy, bytes read per second).
         cpu_fit: expert time on the CPU against its token count.
         h2d_Bps: pinned host -> device copy bandwidth, None without an accelerator.
@@ -100,11 +110,25 @@ class HardwareProfile:
     device: str | None = None
     device_mem_Bps: float | None = None
     device_fit: LinearFit | None = None
+    disk_samples_Bps: list[float] = field(default_factory=list)
     meta: dict = field(default_factory=dict)
 
     @property
     def has_device(self) -> bool:
         return self.device_fit is not None and self.h2d_Bps is not None
+
+    def add_disk_sample(self, Bps: float) -> None:
+        """Record one more cold sample (a shared disk drifts) and recombine `disk_read_Bps` from all of them."""
+        self.disk_samples_Bps.append(float(Bps))
+        self.disk_read_Bps = _combine(self.disk_samples_Bps, self.meta.get("statistic", "min"))
+
+    def describe(self) -> str:
+        """The bandwidths in one line, e.g. `disk (cold, page cache evicted) 0.44 GB/s [samples 0.43, 0.44], ...`."""
+        samples = ", ".join(f"{s / 1e9:.2f}" for s in self.disk_samples_Bps)
+        samples = f" [samples {samples}]" if samples else ""
+        warm = f", page cache {self.page_cache_read_Bps / 1e9:.2f} GB/s" if self.page_cache_read_Bps else ""
+        h2d = f", host->device (pinned) {self.h2d_Bps / 1e9:.1f} GB/s" if self.h2d_Bps else ""
+        return f"disk (cold, page cache evicted) {self.disk_read_Bps / 1e9:.2f} GB/s{samples}{warm}{h2d}"
 
     def cpu_expert_seconds(self, n_tokens: float) -> float:
         return self.cpu_fit(n_tokens)
@@ -166,62 +190,117 @@ def canonical_dims(expert_shapes: dict[str, Any] | tuple[int, int]) -> tuple[int
     return hidden, max(1, round(params / (3 * hidden)))
 
 
-def measure_read_bandwidth(
-    path: str | os.PathLike, block: int = 16 * _MiB, max_bytes: int = 256 * _MiB, seed: int | None = None
-) -> tuple[float, float]:
-    """`(cold, warm)` read bandwidth of `path` in bytes/s: `pread` of `block`-sized pieces into one reused buffer.
+def list_files(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
+    """The files of `paths`: a file, a directory (every file under it, sorted), or several of them.
 
-    The pieces sit at random block-aligned offsets (an expert cache reads experts in no particular order; a fresh
-    region on each call also dodges caches below the page cache, such as a VM host's). The first pass follows
-    `posix_fadvise(DONTNEED)` (the disk), the second re-reads the same pieces (the page cache); the file is
-    evicted again afterwards. Pages of a file that some process maps stay cached whatever we advise.
+    Raises:
+        FileNotFoundError: a path does not exist.
     """
-    fd = os.open(path, os.O_RDONLY)
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    out: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            out.extend(sorted(p for p in path.rglob("*") if p.is_file()))
+        elif path.is_file():
+            out.append(path)
+        else:
+            raise FileNotFoundError(f"no such file or directory: {path}")
+    return out
+
+
+def evict_page_cache(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> int:
+    """Drop the clean page-cache pages of files (every file under a directory) with `posix_fadvise(DONTNEED)`.
+
+    Dirty pages are written back first (`fdatasync`), so freshly written files are evicted too. Pages that a live
+    `mmap` maps (in any process) are NOT evicted: a mapped file reads back at page-cache speed after this call,
+    which is why a benchmark of mmap-based offloading needs a memory cgroup (`bench.sysmem.run_in_memory_cgroup`).
+
+    Args:
+        paths: a file, a directory, or several of them.
+
+    Returns:
+        The number of bytes covered (the total size of the files).
+    """
+    total = 0
+    for path in list_files(paths):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            try:
+                os.fdatasync(fd)
+            except OSError:
+                pass
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            total += os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+    return total
+
+
+def measure_read_bandwidth(
+    paths: str | os.PathLike | Iterable[str | os.PathLike], block: int = 16 * _MiB, max_bytes: int = 256 * _MiB,
+    seed: int | None = None,
+) -> tuple[float, float]:  # fmt: skip
+    """`(cold, warm)` read bandwidth of files in bytes/s: `pread` of `block`-sized pieces into one reused buffer.
+
+    The pieces sit at random block-aligned offsets of the files (an expert cache reads experts in no particular
+    order; a fresh region on each call also dodges caches below the page cache, such as a VM host's), at most
+    `max_bytes` of them. The first pass follows `evict_page_cache` (the disk), the warm figure is the faster of two
+    passes over the same pieces (the page cache); the files are evicted again afterwards. Pages of a file that
+    some process maps stay cached whatever we advise.
+
+    Args:
+        paths: a file, a directory (every file under it, e.g. a checkpoint folder), or several of them.
+        block: bytes per read call.
+        max_bytes: bytes read per pass.
+        seed: for the order of the pieces.
+    """
+    files = list_files(paths)
+    sizes = [os.path.getsize(f) for f in files]
+    block = max(4096, min(block, max(sizes, default=0) or 4096))
+    pieces = [(i, offset) for i, size in enumerate(sizes) for offset in range(0, max(size, 1), block)]
+    random.Random(seed).shuffle(pieces)
+    pieces = pieces[: max(1, max_bytes // block)]
+    buf = memoryview(bytearray(block))
+    fds = [os.open(f, os.O_RDONLY) for f in files]
     try:
-        size = os.fstat(fd).st_size
-        block = max(4096, min(block, size or 4096))
-        starts = list(range(0, max(size, 1), block))
-        random.Random(seed).shuffle(starts)
-        starts = starts[: max(1, max_bytes // block)]
-        buf = memoryview(bytearray(block))
 
         def one_pass() -> float:
             t0, done = time.perf_counter(), 0
-            for offset in starts:
-                want, got = min(block, size - offset), 0
+            for i, offset in pieces:
+                want, got = min(block, sizes[i] - offset), 0
                 while got < want:
-                    n = os.preadv(fd, [buf[got:want]], offset + got)
+                    n = os.preadv(fds[i], [buf[got:want]], offset + got)
                     if n <= 0:
                         break
                     got += n
                 done += got
             return done / max(time.perf_counter() - t0, 1e-9)
 
-        try:
-            os.fdatasync(fd)  # dirty pages (a freshly written file) are not dropped by DONTNEED
-        except OSError:
-            pass
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        evict_page_cache(files)
         cold = one_pass()
         warm = max(one_pass(), one_pass())
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        evict_page_cache(files)
         return cold, warm
     finally:
-        os.close(fd)
+        for fd in fds:
+            os.close(fd)
 
 
-def _scratch_bandwidth(folder: str | None, nbytes: int) -> tuple[float, float]:
+def _combine(samples: list[float], statistic: str) -> float:
+    """Cold samples -> one bandwidth: the fastest (`"min"` time: what the disk can do) or the median."""
+    return float(max(samples) if statistic == "min" else statistics.median(samples))
+
+
+def _scratch_file(folder: str | None, nbytes: int) -> str:
     fd, path = tempfile.mkstemp(prefix="hf_moe_offload_profile_", dir=folder)
-    try:
-        chunk = os.urandom(min(nbytes, 4 * _MiB))
-        with os.fdopen(fd, "wb") as f:
-            for _ in range(max(1, nbytes // len(chunk))):
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        return measure_read_bandwidth(path, block=4 * _MiB, max_bytes=nbytes)
-    finally:
-        os.unlink(path)
+    chunk = os.urandom(min(nbytes, 4 * _MiB))
+    with os.fdopen(fd, "wb") as f:
+        for _ in range(max(1, nbytes // len(chunk))):
+            f.write(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+    return path
 
 
 def _sync(device: torch.device) -> None:
@@ -274,7 +353,20 @@ def _mem_bandwidth(device: torch.device, nbytes: int, repeats: int, statistic: s
     return nbytes / _time(lambda: dst.copy_(src), device, repeats, statistic)
 
 
-def _h2d_bandwidth(device: torch.device, nbytes: int, repeats: int, statistic: str) -> float:
+def measure_h2d_bandwidth(
+    device: str | torch.device = "cuda", nbytes: int = 256 * _MiB, repeats: int = 5, statistic: str = "min"
+) -> float | None:
+    """Pinned host -> device copy bandwidth in bytes/s, or None without CUDA (CUDA is not touched then).
+
+    Args:
+        device: the CUDA device.
+        nbytes: bytes per copy (at least one expert's worth gives the bandwidth experts see).
+        repeats: timed copies after one warm-up copy.
+        statistic: `"min"` (the fastest copy) or `"median"`.
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
     src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).fill_(1)
     dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
     return nbytes / _time(lambda: dst.copy_(src, non_blocking=True), device, repeats, statistic)
@@ -293,14 +385,17 @@ def measure_profile(
     statistic: str = "min",
     scratch_dir: str | None = None,
     scratch_bytes: int = 64 * _MiB,
+    read_bytes: int = 256 * _MiB,
+    read_block: int | None = None,
+    disk_samples: int = 1,
 ) -> HardwareProfile:
     """Time this machine at one model's expert shapes.
 
     Args:
         expert_shapes: one expert's weight shapes (`MoETopology.summary()["params"]`) or `(hidden, intermediate)`.
         dtype: the compute dtype (`torch.bfloat16` or `"bfloat16"`).
-        sample_file: a file on the disk the experts will be read from (e.g. the model's largest safetensors file)
-            to time cold and warm reads; at most 256 MiB of it are read.
+        sample_file: a file on the disk the experts will be read from (e.g. the model's largest safetensors file),
+            or a folder (every file under it), to time cold and warm reads (`measure_read_bandwidth`).
         device: `"cpu"`, or `"cuda[:N]"` to time the accelerator (expert compute, memory, host -> device copies)
             as well as the CPU.
         disk_read_Bps: a known cold read bandwidth; skips the disk measurement.
@@ -311,6 +406,9 @@ def measure_profile(
             the neighbours' load: a closer prediction on a busy shared machine).
         scratch_dir: with neither `sample_file` nor `disk_read_Bps`, a scratch file of `scratch_bytes` is written
             here (default: the temp directory, which may be RAM-backed: prefer a `sample_file`).
+        read_bytes: bytes read per pass of `measure_read_bandwidth` (at most `scratch_bytes` for a scratch file).
+        read_block: bytes per read call; default one expert (1 to 64 MiB).
+        disk_samples: cold samples taken; `disk_read_Bps` is the fastest (`statistic="min"`) or their median.
 
     Returns:
         The `HardwareProfile`.
@@ -330,21 +428,29 @@ def measure_profile(
     meta: dict[str, Any] = {"statistic": statistic, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
                             "torch": torch.__version__, "machine": platform.machine(),
                             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
+    if disk_samples < 1:
+        raise ValueError(f"disk_samples: expected at least 1, got {disk_samples}")
+    samples: list[float] = []
     if disk_read_Bps is None:
-        if sample_file is not None:
-            disk_read_Bps, warm = measure_read_bandwidth(sample_file, block=min(max(expert_nbytes, _MiB), 64 * _MiB))
-            meta["disk_source"] = os.fspath(sample_file)
-        else:
-            disk_read_Bps, warm = _scratch_bandwidth(scratch_dir, scratch_bytes)
-            meta["disk_source"] = f"scratch file in {scratch_dir or tempfile.gettempdir()}"
-        page_cache_read_Bps = page_cache_read_Bps or warm
+        source = os.fspath(sample_file) if sample_file is not None else _scratch_file(scratch_dir, scratch_bytes)
+        block = read_block or min(max(expert_nbytes, _MiB), 64 * _MiB)
+        try:
+            reads = [measure_read_bandwidth(source, block=block, max_bytes=read_bytes) for _ in range(disk_samples)]
+        finally:
+            if sample_file is None:
+                os.unlink(source)
+        samples = [cold for cold, _ in reads]
+        disk_read_Bps = _combine(samples, statistic)
+        page_cache_read_Bps = page_cache_read_Bps or max(warm for _, warm in reads)
+        where = f"scratch file in {scratch_dir or tempfile.gettempdir()}"
+        meta["disk_source"] = source if sample_file is not None else where
     else:
         meta["disk_source"] = "given"
     cpu = torch.device("cpu")
     mem_bytes = max(64 * _MiB, min(256 * _MiB, 4 * expert_nbytes))
     profile = HardwareProfile(
         expert_nbytes=expert_nbytes, hidden_size=hidden, intermediate_size=inter, dtype=str(dtype).replace("torch.", ""),
-        disk_read_Bps=float(disk_read_Bps), page_cache_read_Bps=page_cache_read_Bps,
+        disk_read_Bps=float(disk_read_Bps), page_cache_read_Bps=page_cache_read_Bps, disk_samples_Bps=samples,
         cpu_mem_Bps=_mem_bandwidth(cpu, mem_bytes, repeats, statistic),
         cpu_fit=_expert_fit(hidden, inter, dtype, cpu, token_counts, repeats, statistic), meta=meta,
     )  # fmt: skip
@@ -353,7 +459,7 @@ def measure_profile(
         index = dev.index if dev.index is not None else torch.cuda.current_device()
         dev = torch.device("cuda", index)
         profile.device = f"{dev} {torch.cuda.get_device_name(dev)}"
-        profile.h2d_Bps = _h2d_bandwidth(dev, max(expert_nbytes, 16 * _MiB), repeats, statistic)
+        profile.h2d_Bps = measure_h2d_bandwidth(dev, max(expert_nbytes, 16 * _MiB), repeats, statistic)
         profile.device_mem_Bps = _mem_bandwidth(dev, max(256 * _MiB, 4 * expert_nbytes), repeats, statistic)
         profile.device_fit = _expert_fit(hidden, inter, dtype, dev, token_counts, repeats, statistic)
     return profile

@@ -211,7 +211,7 @@ def build_layout(
                 for k in range(want):
                     info, off, nbytes, shape, spec = found[k]
                     n = _numel(shape) * (spec.expand if spec else 1)
-                    ps.append(Piece(info.file, off, nbytes, info.dtype, start, n, spec))
+                    ps.append(Piece(info.file, off, nbytes, info.torch_dtype, start, n, spec))
                     start += n
                 if start != _numel(p.shape):
                     raise CorruptCheckpointError(

@@ -1,11 +1,26 @@
-"""Safetensors headers, read and checked without touching tensor data.
+"""Safetensors headers, read and checked as strictly as safetensors itself, without touching tensor data.
 
-File format: 8-byte little-endian header length N, N bytes of JSON `{name: {dtype, shape, data_offsets:
-[begin, end]}, "__metadata__": {...}}`, then the data; offsets are relative to byte 8 + N. `read_header` checks
-everything a byte-range reader relies on (header bounds, JSON, dtypes, offsets inside the file, sizes that match
-shape x itemsize) and raises `CorruptCheckpointError` naming the file and the fault. `checkpoint_files` resolves a
-model folder (single file or sharded index) and raises `MissingShardError` for shards the index names but the
-folder lacks.
+File format: 8-byte little-endian header length N, N bytes of UTF-8 JSON `{name: {dtype, shape, data_offsets:
+[begin, end]}, "__metadata__": {...}}`, then the data section; offsets are relative to its start (byte 8 + N).
+`read_header` enforces the rules of safetensors' own reader (`SafeTensors::read_metadata` / `validate`) and raises
+`CorruptCheckpointError` naming the file, the tensor and the rule broken:
+
+1. header length: the file holds at least the 8-byte length field; N <= 100,000,000 and 8 + N <= file size.
+2. header JSON: the N bytes are valid UTF-8 and one JSON object (no NaN/Infinity, no duplicate keys*).
+3. `__metadata__`, when present (and not null): a JSON object mapping strings to strings.
+4. tensor entry: every other key maps to an object with exactly* the keys `dtype`, `shape`, `data_offsets`.
+5. dtype: a string safetensors knows (`DTYPE_BITS`: BOOL, U8/I8 ... F64/C64, F8 variants, F4 and F6 sub-byte types).
+6. shape: a list of non-negative integers (no bools, floats, strings or nulls), element count below 2**64.
+7. data_offsets: a list of exactly 2 non-negative integers `[begin, end]` with begin <= end.
+8. byte size: bits(dtype) x elements is a whole number of bytes (sub-byte dtypes) equal to end - begin.
+9. coverage: sorted by offsets, the ranges start at 0 and each begins where the previous one ends (no overlap, no
+   gap); the last ends exactly at the end of the file (file size - 8 - N).
+
+(*) Stricter than safetensors, which lets a duplicate key overwrite and ignores extra keys in an entry.
+
+dtypes torch has no element-for-element equivalent for (F4, F6_*) still validate; their `TensorInfo.dtype` is None
+and `TensorInfo.torch_dtype` raises `UnsupportedLayoutError` naming the dtype. `checkpoint_files` resolves a model
+folder (single file or sharded index) and raises `MissingShardError` for shards the index names but the folder lacks.
 """
 
 from __future__ import annotations
@@ -17,32 +32,59 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import CorruptCheckpointError, MissingShardError
+from ..errors import CorruptCheckpointError, MissingShardError, UnsupportedLayoutError
 
-__all__ = ["TensorInfo", "SafetensorsHeader", "read_header", "checkpoint_files", "DTYPES"]
+__all__ = ["TensorInfo", "SafetensorsHeader", "read_header", "checkpoint_files", "DTYPES", "DTYPE_BITS"]
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+# Bits per element of every dtype safetensors (0.8) knows; F4 and F6_* are packed sub-byte types.
+DTYPE_BITS: dict[str, int] = {
+    "BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
+    "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32,
+    "F32": 32, "C64": 64, "F64": 64, "I64": 64, "U64": 64,
 }  # fmt: skip
-_MAX_HEADER = 100 * 2**20
+_TORCH_NAMES = {
+    "BOOL": "bool", "U8": "uint8", "I8": "int8", "F8_E5M2": "float8_e5m2", "F8_E4M3": "float8_e4m3fn",
+    "F8_E8M0": "float8_e8m0fnu", "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2FNUZ": "float8_e5m2fnuz", "I16": "int16",
+    "U16": "uint16", "F16": "float16", "BF16": "bfloat16", "I32": "int32", "U32": "uint32", "F32": "float32",
+    "C64": "complex64", "F64": "float64", "I64": "int64", "U64": "uint64",
+}  # fmt: skip
+# safetensors dtype -> the torch dtype holding one element of it (only those this torch build has).
+DTYPES: dict[str, torch.dtype] = {k: getattr(torch, v) for k, v in _TORCH_NAMES.items() if hasattr(torch, v)}
+_MAX_HEADER = 100_000_000  # safetensors' MAX_HEADER_SIZE
+_U64 = 2**64
 _FIX = "re-download or re-save this file (e.g. model.save_pretrained) and try again"
+
+_FIELDS = {"dtype", "shape", "data_offsets"}
 
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """Where a tensor's bytes lie in its file (absolute offsets)."""
+    """Where a tensor's bytes lie in its file (absolute offsets).
+
+    `dtype` is the torch dtype of one element, or None when torch has none for the stored `dtype_name`.
+    """
 
     file: str
-    dtype: torch.dtype
+    dtype: torch.dtype | None
     shape: tuple[int, ...]
     start: int
     end: int
+    dtype_name: str = ""
+    name: str = ""
 
     @property
     def nbytes(self) -> int:
         return self.end - self.start
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """`dtype`; raises `UnsupportedLayoutError` (naming the dtype) when torch cannot hold the elements."""
+        if self.dtype is None:
+            raise UnsupportedLayoutError(
+                f"{self.file}: tensor {self.name!r} is stored as safetensors dtype {self.dtype_name}, which has no "
+                f"torch dtype (torch {torch.__version__}); hf_moe_offload cannot read it as an expert weight"
+            )
+        return self.dtype
 
 
 @dataclass(frozen=True)
@@ -53,63 +95,118 @@ class SafetensorsHeader:
     metadata: dict[str, str]
 
 
+def _short(x: object) -> str:
+    r = repr(x)
+    return r if len(r) <= 80 else r[:77] + "..."
+
+
+def _is_u64(x: object) -> bool:
+    return type(x) is int and 0 <= x < _U64  # type() excludes bool
+
+
+def _json_object(pairs: list[tuple[str, object]]) -> dict:
+    """JSON object hook: refuse duplicate keys (*) and lone surrogates (invalid JSON text for serde_json)."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"duplicate key {dup!r}")
+    for k, v in pairs:
+        (k + v if isinstance(v, str) else k).encode("utf-8")  # UnicodeEncodeError is a ValueError
+    return obj
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON value")
+
+
 def read_header(path: str) -> SafetensorsHeader:
-    """Parse and validate the header of one safetensors file.
+    """Parse and validate the header of one safetensors file (the rules are listed in the module docstring).
 
     Raises:
         MissingShardError: the file does not exist.
-        CorruptCheckpointError: the file is truncated or its header is malformed.
+        CorruptCheckpointError: the file is truncated or its header breaks a rule; the message names the file, the
+            tensor (when the fault is in one) and the rule.
     """
+
+    def bad(rule: str, detail: str, name: str | None = None) -> CorruptCheckpointError:
+        where = f"tensor {name!r}: " if name is not None else ""
+        return CorruptCheckpointError(f"{path}: {where}{detail} [rule: {rule}]; {_FIX}")
+
     if not os.path.isfile(path):
         raise MissingShardError(f"safetensors file {path} does not exist; {_FIX}")
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise CorruptCheckpointError(f"{path}: file has {size} bytes, too short for a safetensors header; {_FIX}")
+            raise bad("header length", f"file has {size} bytes, too short for a safetensors header")
         (n,) = struct.unpack("<Q", head)
         if n > _MAX_HEADER or 8 + n > size:
-            raise CorruptCheckpointError(
-                f"{path}: header length field says {n} bytes but the file has {size} bytes (truncated or not a "
-                f"safetensors file); {_FIX}"
+            raise bad(
+                "header length",
+                f"header length field says {n} bytes but the file has {size} bytes and the limit is {_MAX_HEADER} "
+                f"(truncated or not a safetensors file)",
             )
         raw = f.read(n)
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorruptCheckpointError(f"{path}: header is not valid JSON ({e}); {_FIX}") from None
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_json_object, parse_constant=_no_constant)
+    except UnicodeDecodeError as e:
+        raise bad("header JSON", f"header is not valid UTF-8 ({e})") from None
+    except (ValueError, RecursionError) as e:
+        raise bad("header JSON", f"header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
-        raise CorruptCheckpointError(f"{path}: header must be a JSON object, got {type(header).__name__}; {_FIX}")
-    metadata = header.pop("__metadata__", None) or {}
+        raise bad("header JSON", f"header must be a JSON object, got {type(header).__name__}")
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    elif not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise bad("__metadata__", f"__metadata__ must be a JSON object of string -> string, got {_short(metadata)}")
     base = 8 + n
     tensors: dict[str, TensorInfo] = {}
     for name, info in header.items():
-        try:
-            dtype_name, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-        except (TypeError, KeyError, ValueError):
-            raise CorruptCheckpointError(
-                f"{path}: tensor {name!r} has a malformed header entry {info!r}; {_FIX}"
-            ) from None
-        if dtype_name not in DTYPES:
-            raise CorruptCheckpointError(
-                f"{path}: tensor {name!r} has dtype {dtype_name!r}; expected one of {', '.join(DTYPES)}"
-            )
-        dtype = DTYPES[dtype_name]
+        if not isinstance(info, dict) or set(info) != _FIELDS:
+            want = "an object with exactly the keys dtype, shape, data_offsets"
+            raise bad("tensor entry", f"entry must be {want}, got {_short(info)}", name)
+        dtype_name, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(dtype_name, str) or dtype_name not in DTYPE_BITS:
+            raise bad("dtype", f"unknown dtype {_short(dtype_name)}; expected one of {', '.join(DTYPE_BITS)}", name)
+        if not isinstance(shape, list) or not all(_is_u64(d) for d in shape):
+            raise bad("shape", f"shape {_short(shape)} must be a list of non-negative integers", name)
+        pair = isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_u64, offsets))
+        if not pair or offsets[0] > offsets[1]:
+            want = "[begin, end]: exactly 2 non-negative integers with begin <= end"
+            raise bad("data_offsets", f"data_offsets {_short(offsets)} must be {want}", name)
+        begin, end = offsets
         numel = 1
         for d in shape:
-            numel *= int(d)
-        expected = numel * torch.empty((), dtype=dtype).element_size()
-        if not (0 <= begin <= end) or end - begin != expected:
-            raise CorruptCheckpointError(
-                f"{path}: tensor {name!r} spans bytes [{begin}, {end}) but {dtype_name}{list(shape)} needs "
-                f"{expected} bytes; {_FIX}"
-            )
-        if base + end > size:
-            raise CorruptCheckpointError(
-                f"{path}: tensor {name!r} ends at byte {base + end}, past the end of the file ({size} bytes): the "
-                f"file is truncated; {_FIX}"
-            )
-        tensors[name] = TensorInfo(path, dtype, tuple(int(d) for d in shape), base + begin, base + end)
+            numel *= d
+            if numel >= _U64:
+                raise bad("shape", f"shape {_short(shape)} has 2**64 or more elements", name)
+        bits = numel * DTYPE_BITS[dtype_name]
+        if bits % 8 or bits // 8 != end - begin:
+            need = f"{bits // 8} bytes" if bits % 8 == 0 else f"{bits} bits, not a whole number of bytes"
+            span = f"data_offsets [{begin}, {end}) span {end - begin} bytes"
+            raise bad("byte size", f"{span} but {dtype_name}{shape} needs {need}", name)
+        dtype = DTYPES.get(dtype_name)
+        tensors[name] = TensorInfo(path, dtype, tuple(shape), base + begin, base + end, dtype_name, name)
+    pos, prev = 0, None  # end of the data covered so far, and the tensor that ends there
+    for name in sorted(tensors, key=lambda k: (tensors[k].start, tensors[k].end)):
+        begin, end = tensors[name].start - base, tensors[name].end - base
+        if begin == pos:
+            pos, prev = end, name
+            continue
+        if prev is None:
+            what = f"start at byte {begin} of the data section; the first tensor must start at 0"
+        elif begin < pos:
+            what = f"[{begin}, {end}) overlap tensor {prev!r}, which ends at byte {pos}"
+        else:
+            what = f"start at byte {begin} but tensor {prev!r} ends at byte {pos}: a gap of {begin - pos} bytes"
+        raise bad("coverage", f"data_offsets {what} (ranges must be contiguous, no overlap or gap)", name)
+    if pos > size - base:
+        what = f"data ends at byte {base + pos}, past the end of the file ({size} bytes): the file is truncated"
+        raise bad("coverage", what, prev)
+    if pos < size - base:
+        raise bad("coverage", f"{size - base - pos} bytes follow the last tensor's data; the file must end there", prev)
     return SafetensorsHeader(path=path, file_size=size, tensors=tensors, metadata=metadata)
 
 

@@ -10,7 +10,8 @@ for layout in LAYOUTS: save -> from_pretrained(offload_config=<top_k + 1 slots>)
 Tiny configs are derived generically from each type's defaults; OVERRIDES holds only what a family needs beyond
 that (data, not code). A type that cannot be offloaded exactly is listed in XFAIL with the precise reason: the
 test marks it `xfail(strict=True)`, so fixing it turns the run red (XPASS) until the entry is removed. Used by
-tests/test_fidelity_matrix.py and scripts/gen_models_doc.py (which runs the same cases without pytest).
+tests/test_fidelity_matrix.py and scripts/gen_models_doc.py (which runs the same cases without pytest); the
+checkpoints are written by `save_checkpoint` (checkpoints.py) and the routers sharpened as in models.py.
 """
 
 from __future__ import annotations
@@ -19,18 +20,18 @@ import os
 from dataclasses import dataclass
 
 import torch
-from _models import save_checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, PretrainedConfig
 
-from hf_moe_offload.adapters.discovery import discover_moe_families
-from hf_moe_offload.integration import inspect_checkpoint
+from ..adapters.discovery import discover_moe_families
+from ..integration import inspect_checkpoint
+from .checkpoints import save_checkpoint
+from .models import sharpen_routers
 
 __all__ = [
-    "LAYOUTS", "SHRINK", "OVERRIDES", "XFAIL", "matrix_types", "xfail_reason", "matrix_config", "Reference",
+    "SHRINK", "OVERRIDES", "XFAIL", "matrix_types", "xfail_reason", "matrix_config", "Reference",
     "reference", "run_case", "ATOL", "NEW_TOKENS",
 ]  # fmt: skip
 
-LAYOUTS = ("per_expert", "fused")
 ATOL = 1e-4
 NEW_TOKENS = 6
 
@@ -102,6 +103,7 @@ def _auto_class(model_type: str):
 
 
 def xfail_reason(model_type: str, layout: str) -> str | None:
+    """Why `model_type` saved in `layout` is not offloaded exactly (from `XFAIL`), or None when it should be."""
     return XFAIL.get((model_type, layout)) or XFAIL.get(model_type)
 
 
@@ -167,18 +169,13 @@ class Reference:
     tokens: torch.Tensor
 
 
-def _sharpen_routers(model: torch.nn.Module) -> None:
-    """Random init gives near-uniform routers; sharpen them so routing depends on the token."""
-    for name, p in model.named_parameters():
-        if p.dim() >= 2 and ("gate" in name or "router" in name) and "experts" not in name and "proj" not in name:
-            p.normal_(0, 0.5)
-
-
 @torch.no_grad()
 def reference(model_type: str, seed: int = 0) -> Reference:
+    """The tiny model of `model_type` (fp32, seeded, sharpened routers) and its logits and greedy tokens on two
+    random sequences of 12 tokens."""
     torch.manual_seed(seed)
     model = _auto_class(model_type).from_config(matrix_config(model_type), dtype=torch.float32).eval()
-    _sharpen_routers(model)
+    sharpen_routers(model)
     vocab = model.config.get_text_config().vocab_size
     ids = torch.randint(3, min(vocab, 128), (2, 12), generator=torch.Generator().manual_seed(seed))
     return Reference(model_type, model, ids, _logits(model, ids), _greedy(model, ids))

@@ -1,0 +1,287 @@
+"""`LoadPlan`: everything an offloaded load needs, computed and validated before a byte of weights is read.
+
+```
+offload_config --coerce--> OffloadConfig --policy, predictor names--> known (UnknownNameError otherwise)
+from_pretrained kwargs --> compatible with offloading (OffloadConfigError otherwise)
+path --local folder or HF cache--> folder --config.json--> config, quantization (FP8 / MXFP4 only)
+meta model (no memory) + every safetensors header --> topology, byte layout, expert checkpoint keys
+mode="auto" --> measured hardware profile + planner --> concrete budgets
+budgets --> slots per tier (BudgetTooSmallError with the smallest budget that works)
+side files (correlation table) --> read and checked against the topology
+```
+`load_offloaded` builds one plan, calls transformers' `from_pretrained` with the experts kept out, and builds the
+engine from the plan: nothing is computed twice, and every bad input fails here, before any weight is loaded.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import AutoConfig, PretrainedConfig
+
+from ..adapters import MoETopology, describe_model, resolve_expert_keys
+from ..cache import make_policy
+from ..config import OffloadConfig, format_bytes
+from ..errors import BudgetTooSmallError, OffloadConfigError, UnsupportedQuantizationError
+from ..prefetch import load_correlation_tables, make_predictor
+from ..storage import (
+    SUPPORTED_METHODS,
+    ExpertLayout,
+    build_layout,
+    checkpoint_files,
+    checkpoint_quantization,
+    fold_quantized,
+    read_header,
+)
+
+__all__ = [
+    "LoadPlan",
+    "make_plan",
+    "resolve_device",
+    "resolve_folder",
+    "plan_slots",
+    "inspect_checkpoint",
+    "meta_model",
+    "CORRELATION_FILE",
+]
+
+CORRELATION_FILE = "hf_moe_offload_correlation.npz"  # learned expert co-occurrence, kept next to the model
+_INCOMPATIBLE = ("state_dict", "gguf_file", "quantization_config", "tp_plan", "device_mesh", "offload_folder")
+_HINTS = {"quantization_config": " (a checkpoint already quantized with FP8 or MXFP4 loads without it)"}
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """The validated outcome of planning one offloaded load.
+
+    Attributes:
+        config: the user's config with `mode="auto"` resolved into concrete budgets.
+        folder: local folder of the checkpoint.
+        device: where experts are computed.
+        topology: MoE layers of the meta model (names, expert counts, per-expert weights; modules are meta).
+        layout: byte ranges of every expert in the checkpoint files.
+        expert_keys: checkpoint keys holding expert weights (never read by transformers).
+        host_slots: experts held in host RAM.
+        device_slots: experts held on the accelerator (0 on CPU).
+        quantization: the checkpoint's `quantization_config` (FP8 / MXFP4), or None.
+        correlation_tables: a saved correlation table next to the model, checked against the topology, or None.
+        kwargs: the `from_pretrained` keyword arguments to pass on (device_map / quantization_config added).
+    """
+
+    config: OffloadConfig
+    folder: str
+    device: torch.device
+    topology: MoETopology = field(repr=False)
+    layout: ExpertLayout = field(repr=False)
+    expert_keys: tuple[str, ...] = field(repr=False)
+    host_slots: int
+    device_slots: int
+    quantization: dict | None
+    correlation_tables: list[np.ndarray] | None = field(default=None, repr=False)
+    kwargs: dict = field(default_factory=dict, repr=False)
+
+
+def resolve_device(cfg: OffloadConfig) -> torch.device:
+    """`cfg.device` as a torch device (`auto`: CUDA when available)."""
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(cfg.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise OffloadConfigError(f"device: {cfg.device!r} was requested but CUDA is not available; use 'cpu' or 'auto'")
+    return dev
+
+
+def resolve_folder(path: str | os.PathLike, kwargs: dict) -> str:
+    """The local folder holding the checkpoint: `path` itself, or its snapshot in the Hugging Face cache."""
+    path = os.fspath(path)
+    sub = kwargs.get("subfolder") or ""
+    if os.path.isdir(path):
+        return os.path.join(path, sub)
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(
+            path, revision=kwargs.get("revision"), cache_dir=kwargs.get("cache_dir"), local_files_only=True
+        )
+    except Exception as e:  # noqa: BLE001 - any failure means "not available locally"
+        raise OffloadConfigError(
+            f"{path!r} is not a local folder and is not in the Hugging Face cache ({type(e).__name__}); "
+            f"hf_moe_offload reads experts from local files: download the model first "
+            f"(e.g. `hf download {path}`) and pass its folder"
+        ) from None
+    return os.path.join(folder, sub)
+
+
+def plan_slots(cfg: OffloadConfig, topology: MoETopology, slot_nbytes: int, device: torch.device) -> tuple[int, int]:
+    """Slots per tier `(host_slots, device_slots)` from the budgets.
+
+    Raises:
+        BudgetTooSmallError: the compute tier cannot hold the top-k experts of one layer.
+    """
+    total = topology.total_expert_nbytes
+    n_experts = sum(layer.num_experts for layer in topology.layers)
+    need = topology.max_top_k
+    host_bytes = cfg.host_budget.resolve(total)
+    host_slots = min(host_bytes // slot_nbytes, n_experts)
+    device_slots = 0
+    checks = [("host_budget", cfg.host_budget, host_bytes, host_slots)]
+    if device.type == "cuda":
+        device_bytes = cfg.device_budget.resolve(total)
+        device_slots = min(device_bytes // slot_nbytes, n_experts)
+        checks = [("device_budget", cfg.device_budget, device_bytes, device_slots)]
+    for name, budget, nbytes, slots in checks:
+        if slots < need:
+            minimum = need * slot_nbytes
+            raise BudgetTooSmallError(
+                f"{name}={budget} ({format_bytes(nbytes)}) holds {slots} expert(s) of {format_bytes(slot_nbytes)}, "
+                f"but each token is routed to {need} experts per layer, so at least {need} must fit at once. "
+                f"Raise {name} to at least {format_bytes(minimum, round_up=True)} ({minimum} bytes, {need} experts; "
+                f"the model has {format_bytes(total)} of experts in all)."
+            )
+    return host_slots, device_slots
+
+
+def inspect_checkpoint(model: nn.Module, folder: str) -> tuple[MoETopology, ExpertLayout, list[str]]:
+    """Topology of `model` (meta or loaded), the byte layout of its experts in the checkpoint at `folder`, and the
+    checkpoint keys that hold expert weights (with their scales, for quantized checkpoints).
+
+    Reads and validates every safetensors header; reads no tensor data.
+    """
+    topology = describe_model(model)
+    tensors = {}
+    for path in checkpoint_files(folder):
+        tensors.update(read_header(path).tensors)
+    tensors, quantized = fold_quantized(tensors)
+    targets = resolve_expert_keys(model, list(tensors), topology)
+    block = (checkpoint_quantization(folder) or {}).get("weight_block_size")
+    layout = build_layout(topology, tensors, targets, quantized, tuple(block) if block else None)
+    keys = {k for t in targets for k in (quantized[t].keys if t in quantized else (t,))}
+    return topology, layout, sorted(keys)
+
+
+def meta_model(cls: type, config: PretrainedConfig, kwargs: dict) -> nn.Module:
+    """`cls(config)` on the meta device, in the dtype `from_pretrained` would load (no memory is allocated)."""
+    dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype, None)
+    if not isinstance(dtype, torch.dtype):
+        dtype = getattr(config, "dtype", None) or torch.float32
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    with torch.device("meta"):
+        model = cls(config)
+    return model.to(dtype)
+
+
+def _check_kwargs(kwargs: dict, device: torch.device) -> None:
+    for name in _INCOMPATIBLE:
+        if kwargs.get(name) is not None:
+            raise OffloadConfigError(
+                f"from_pretrained: {name}= cannot be combined with offload_config=; hf_moe_offload reads experts "
+                f"from the checkpoint's safetensors files itself. Remove {name}= or load without offload_config"
+                f"{_HINTS.get(name, '')}"
+            )
+    device_map = kwargs.get("device_map")
+    if device_map is None:
+        if device.type == "cuda":
+            kwargs["device_map"] = {"": str(device)}
+        return
+    targets = set(device_map.values()) if isinstance(device_map, dict) else {device_map}
+    if len(targets) != 1 or {str(t) for t in targets} & {"auto", "disk", "meta", "balanced", "sequential"}:
+        raise OffloadConfigError(
+            f"from_pretrained: device_map={device_map!r} cannot be combined with offload_config=; non-expert weights "
+            f"go to one device and experts are managed by hf_moe_offload. Pass offload_config(device=...) instead"
+        )
+
+
+def _model_config(folder: str, kwargs: dict) -> PretrainedConfig:
+    config = kwargs.get("config")
+    if not isinstance(config, PretrainedConfig):
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=kwargs.get("trust_remote_code", False))
+    return config
+
+
+def _quantization(config: PretrainedConfig) -> dict | None:
+    """The checkpoint's `quantization_config` as a dict, or None.
+
+    Raises:
+        UnsupportedQuantizationError: a method (or FP8 variant) whose expert weights we cannot dequantize.
+    """
+    q = getattr(config, "quantization_config", None)
+    if q is None:
+        return None
+    q = q.to_dict() if hasattr(q, "to_dict") else dict(q)
+    method = q.get("quant_method")
+    if method not in SUPPORTED_METHODS or (method == "fp8" and q.get("expert_dtype", "fp8") != "fp8"):
+        what = f"{method!r} with expert_dtype={q.get('expert_dtype')!r}" if method == "fp8" else repr(method)
+        raise UnsupportedQuantizationError(
+            f"the checkpoint is quantized with quant_method={what}; hf_moe_offload dequantizes expert weights of "
+            f"quant_method {' and '.join(map(repr, SUPPORTED_METHODS))} (DeepSeek-style block FP8 with "
+            f"weight_scale_inv, GPT-OSS MXFP4 blocks/scales) only. Use an unquantized or FP8/MXFP4 checkpoint, or "
+            f"load without offload_config"
+        )
+    return q
+
+
+def _quantization_arg(q: dict, expert_modules: list[str]):
+    """`quantization_config=` that keeps the experts modules unquantized (their weights never load: we read them)."""
+    from transformers import FineGrainedFP8Config, Mxfp4Config
+
+    if q["quant_method"] == "mxfp4":  # only the experts are MXFP4: dequantizing changes nothing else
+        return Mxfp4Config(dequantize=True)
+    keep = list(q.get("modules_to_not_convert") or []) + expert_modules
+    return FineGrainedFP8Config(dequantize=bool(q.get("dequantize", False)), modules_to_not_convert=keep)
+
+
+def _check_names(cfg: OffloadConfig, topology: MoETopology) -> None:
+    """Policy and predictor names exist and the predictors can be built for this topology."""
+    make_policy(cfg.policy)
+    num_experts = [layer.num_experts for layer in topology.layers]
+    for name in cfg.predictor_names:
+        make_predictor(name, num_experts, topology.max_top_k)
+
+
+def make_plan(cls: type, path: str | os.PathLike, kwargs: dict, offload_config) -> LoadPlan:
+    """Validate everything about one `from_pretrained(path, offload_config=...)` call and plan it.
+
+    Raises:
+        OffloadConfigError, UnknownNameError, BudgetTooSmallError, UnsupportedModelError, UnsupportedLayoutError,
+        UnsupportedQuantizationError, MissingShardError, CorruptCheckpointError: before any weight is read.
+    """
+    cfg = OffloadConfig.coerce(offload_config)
+    device = resolve_device(cfg)
+    kwargs = dict(kwargs)
+    _check_kwargs(kwargs, device)
+    folder = resolve_folder(path, kwargs)
+    config = _model_config(folder, kwargs)
+    quantization = _quantization(config)
+    topology, layout, expert_keys = inspect_checkpoint(meta_model(cls, config, kwargs), folder)
+    _check_names(cfg, topology)
+    if quantization is not None:
+        kwargs["quantization_config"] = _quantization_arg(quantization, [x.module_name for x in topology.layers])
+    if cfg.mode == "auto":  # measured hardware profile + planner -> concrete budgets and prefetch depth
+        from ..scheduling.auto import auto_config
+
+        sample = max(checkpoint_files(folder), key=os.path.getsize)
+        cfg = auto_config(cfg, topology.summary(), sample_file=sample, device=device, model_config=config)
+    host_slots, device_slots = plan_slots(cfg, topology, layout.slot_nbytes, device)
+    tables = None
+    correlation = os.path.join(folder, CORRELATION_FILE)
+    if "correlation" in cfg.predictor_names and os.path.isfile(correlation):
+        tables = load_correlation_tables(correlation, [layer.num_experts for layer in topology.layers])
+    return LoadPlan(
+        config=cfg,
+        folder=folder,
+        device=device,
+        topology=topology,
+        layout=layout,
+        expert_keys=tuple(expert_keys),
+        host_slots=host_slots,
+        device_slots=device_slots,
+        quantization=quantization,
+        correlation_tables=tables,
+        kwargs=kwargs,
+    )
