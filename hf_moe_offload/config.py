@@ -18,7 +18,7 @@ from typing import Any
 
 from .errors import OffloadConfigError
 
-__all__ = ["OffloadConfig", "Budget", "parse_budget", "format_bytes"]
+__all__ = ["OffloadConfig", "Budget", "parse_budget", "format_bytes", "config_table"]
 
 _UNITS = {
     "": 1, "b": 1,
@@ -236,3 +236,11 @@ class OffloadConfig:
             b = getattr(self, name)
             out[name] = b.nbytes if b.nbytes is not None else f"{b.fraction * 100:g}%"
         return out
+
+
+def config_table() -> str:
+    """The Markdown table of every `OffloadConfig` field (name, default, meaning), as README.md shows it."""
+    rows = ["| field | default | meaning |", "|---|---|---|"]
+    for f in dataclasses.fields(OffloadConfig):
+        rows.append(f"| `{f.name}` | `{f.default!r}` | {f.metadata.get('help', '')} |")
+    return "\n".join(rows)

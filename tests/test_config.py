@@ -78,3 +78,13 @@ def test_coerce_rejects_bad_values(value):
 def test_to_dict_round_trips():
     cfg = OffloadConfig(host_budget="25%", device_budget=123456, io_mode="direct")
     assert OffloadConfig.coerce(cfg.to_dict()) == cfg
+
+
+def test_readme_lists_every_config_field_as_generated():
+    import pathlib
+
+    from hf_moe_offload.config import config_table
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    block = readme.split("-->\n", 1)[1].split("\n<!-- /config-table -->")[0] if "config-table" in readme else ""
+    assert block == config_table(), "README's OffloadConfig table is stale: paste hf_moe_offload.config.config_table()"

@@ -22,10 +22,18 @@ from pathlib import Path
 import torch
 from transformers import LogitsProcessor
 
+from ..integration.plan import describe_checkpoint
 from ..storage import checkpoint_files, read_header
 from .sysmem import run_in_memory_cgroup
 
-__all__ = ["RESULT_TAG", "StepTimer", "checkpoint_bytes", "spawn_worker"]
+__all__ = [
+    "RESULT_TAG",
+    "StepTimer",
+    "checkpoint_bytes",
+    "spawn_worker",
+    "accelerate_disk_bytes",
+    "scalar_offload_stats",
+]
 
 RESULT_TAG = "DECODE_BENCH_RESULT "
 
@@ -62,24 +70,27 @@ class StepTimer(LogitsProcessor):
 
 
 def checkpoint_bytes(model_dir: str | Path) -> dict[str, int]:
-    """Bytes of a safetensors checkpoint (single file or sharded), split into experts (keys with `.experts.`) and
-    the rest, from the headers: `{"total": ..., "expert": ..., "non_expert": ...}`.
+    """Bytes of a safetensors checkpoint (single file or sharded), split into expert weights (the keys the model's
+    adapters map to experts, with their quantization scales) and the rest, from the headers:
+    `{"total": ..., "expert": ..., "non_expert": ...}`.
 
     Raises:
         MissingShardError: no safetensors file, or a shard the index names is missing.
         CorruptCheckpointError: a malformed header or index.
+        UnsupportedModelError: the checkpoint's model has no experts module hf_moe_offload knows.
     """
+    expert_keys = set(describe_checkpoint(str(model_dir))[2])
     expert = other = 0
     for path in checkpoint_files(str(model_dir)):
         for key, info in read_header(path).tensors.items():
-            if ".experts." in key:
+            if key in expert_keys:
                 expert += info.nbytes
             else:
                 other += info.nbytes
     return {"total": expert + other, "expert": expert, "non_expert": other}
 
 
-def _disk_bytes(model) -> int:
+def accelerate_disk_bytes(model) -> int:
     """Bytes of the parameters accelerate placed on "disk" (reloaded on every forward)."""
     prefixes = [name for name, device in getattr(model, "hf_device_map", {}).items() if device == "disk"]
     total = 0
@@ -89,7 +100,8 @@ def _disk_bytes(model) -> int:
     return total
 
 
-def _offload_stats(model) -> dict | None:
+def scalar_offload_stats(model) -> dict | None:
+    """`model.offload_stats()` without its nested entries (None for a model that is not offloaded)."""
     stats = getattr(model, "offload_stats", None)
     if stats is None:
         return None

@@ -26,7 +26,7 @@ import time
 import torch
 
 from ..scheduling.profile import evict_page_cache
-from .decode_bench import StepTimer, _disk_bytes, _offload_stats
+from .decode_bench import StepTimer, accelerate_disk_bytes, scalar_offload_stats
 from .sysmem import PeakRssSampler, process_io, rss_breakdown
 
 __all__ = ["load_config_model", "prompt_ids", "run_point", "run_spec", "PROMPT_TEXT"]
@@ -200,7 +200,7 @@ def run_spec(spec: dict) -> dict:
         model = load_config_model(spec)
         result["load_s"] = time.perf_counter() - start
         if spec["kind"] == "accelerate":
-            spec = dict(spec, disk_bytes=_disk_bytes(model))
+            spec = dict(spec, disk_bytes=accelerate_disk_bytes(model))
             result["disk_bytes"] = spec["disk_bytes"]
         for point in spec["points"]:
             try:
@@ -212,5 +212,5 @@ def run_spec(spec: dict) -> dict:
                     json.dump({"load_s": result["load_s"], "points": result["points"]}, f)
     result["rss_peak"] = peak.peak
     result["rss_after"] = rss_breakdown()
-    result["offload_stats"] = _offload_stats(model)
+    result["offload_stats"] = scalar_offload_stats(model)
     return result

@@ -13,7 +13,7 @@ __all__ = ["add_offload_args", "offload_config_from_args"]
 def add_offload_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("offloading (OffloadConfig)")
     for f in dataclasses.fields(OffloadConfig):
-        default = f.default if not isinstance(f.default, dataclasses._MISSING_TYPE) else None
+        default = None if f.default is dataclasses.MISSING else f.default
         kind = int if f.type in ("int", int) else str
         group.add_argument(
             f"--{f.name.replace('_', '-')}",

@@ -20,27 +20,24 @@ def add_parser(sub) -> None:
 
 
 def inspect_path(path: str) -> dict:
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from ..errors import OffloadError
-    from ..integration import inspect_checkpoint
-    from ..integration.plan import meta_model, resolve_folder
+    from ..integration.plan import describe_checkpoint, model_class, resolve_folder
     from ..storage import checkpoint_files, read_header
 
     folder = resolve_folder(path, {})
     config = AutoConfig.from_pretrained(folder)
-    cls = AutoModelForCausalLM._model_mapping[type(config)]
-    info = {"path": folder, "model_type": config.model_type, "architecture": cls.__name__}
+    info = {"path": folder, "model_type": config.model_type, "architecture": model_class(config).__name__}
     try:
-        topology, layout, keys = inspect_checkpoint(meta_model(cls, config, {}), folder)
+        topology, layout, keys = describe_checkpoint(folder)
     except OffloadError as e:
         info.update(supported=False, reason=f"{type(e).__name__}: {e}")
         return info
-    per_expert = any(".experts." in k and k.split(".experts.")[1].split(".")[0].isdigit() for k in keys)
     files = checkpoint_files(folder)
     info.update(
         supported=True,
-        layout="per_expert" if per_expert else "fused",
+        layout="per_expert" if layout.per_expert_keys else "fused",
         files=len(files),
         checkpoint_bytes=sum(read_header(f).file_size for f in files),
         **topology.summary(),

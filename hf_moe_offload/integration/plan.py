@@ -46,6 +46,8 @@ __all__ = [
     "plan_slots",
     "inspect_checkpoint",
     "meta_model",
+    "model_class",
+    "describe_checkpoint",
     "CORRELATION_FILE",
 ]
 
@@ -174,6 +176,22 @@ def meta_model(cls: type, config: PretrainedConfig, kwargs: dict) -> nn.Module:
     with torch.device("meta"):
         model = cls(config)
     return model.to(dtype)
+
+
+def model_class(config: PretrainedConfig) -> type:
+    """The class a checkpoint with `config` generates with: causal LM, else seq2seq LM, else the base model."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    for auto in (AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModel):
+        if type(config) in auto._model_mapping:
+            return auto._model_mapping[type(config)]
+    raise OffloadConfigError(f"no transformers model class is registered for model type {config.model_type!r}")
+
+
+def describe_checkpoint(folder: str) -> tuple[MoETopology, ExpertLayout, list[str]]:
+    """`inspect_checkpoint` of the checkpoint at `folder` on a meta model of its own class (headers only)."""
+    config = _model_config(folder, {})
+    return inspect_checkpoint(meta_model(model_class(config), config, {}), folder)
 
 
 def _check_kwargs(kwargs: dict, device: torch.device) -> None:

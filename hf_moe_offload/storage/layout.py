@@ -67,6 +67,7 @@ class ExpertLayout:
     pieces: dict[tuple[int, int], tuple[tuple[Piece, ...], ...]]  # (layer, expert) -> pieces of each weight
     # layer -> per weight, how its rows are reordered once its pieces are read (None: kept in checkpoint order)
     layer_interleave: dict[int, tuple[Interleaving | None, ...]] = field(default_factory=dict)
+    per_expert_keys: bool = False  # the checkpoint stores one tensor per expert (hub layout), not fused [E, ...]
 
     @property
     def files(self) -> list[str]:
@@ -220,4 +221,5 @@ def build_layout(
                     )
                 per_param.append(tuple(ps))
             pieces[(layer.layer, e)] = tuple(per_param)
-    return ExpertLayout(slot_nbytes, layer_params, layer_offsets, pieces, layer_interleave)
+    per_expert = any(t.expert is not None for t in key_targets.values())
+    return ExpertLayout(slot_nbytes, layer_params, layer_offsets, pieces, layer_interleave, per_expert)
