@@ -56,8 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         plain.append(decode_distinct(trace, [list(perm[i : i + args.group]) for i in range(0, len(perm), args.group)]))
         grouped.append(decode_distinct(trace, [[perm[i] for i in g] for g in sched.groups]))
     a, b = float(np.mean(plain)), float(np.mean(grouped))
-    print(f"groups of {args.group}: distinct experts per layer and decode step {a:.2f} in arrival order, "
-          f"{b:.2f} grouped by routing ({100 * (b / a - 1):+.1f}%)")  # fmt: skip
+    print(
+        f"groups of {args.group}: distinct experts per layer and decode step {a:.2f} in arrival order, "
+        f"{b:.2f} grouped by routing ({100 * (b / a - 1):+.1f}%)"
+    )
     return 0
 
 

@@ -20,8 +20,14 @@ from hf_moe_offload.testing import build_tiny, save_checkpoint  # noqa: E402
 
 mode, folder = sys.argv[1], sys.argv[2]
 if not os.path.exists(os.path.join(folder, "config.json")):
-    big = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, vocab_size=512, num_attention_heads=4,
-               num_key_value_heads=2)  # fmt: skip
+    big = dict(
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        vocab_size=512,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     save_checkpoint(build_tiny("mixtral", **big), folder, "fused")
     print(json.dumps({"built": folder}))
     sys.exit(0)

@@ -75,10 +75,20 @@ def save_mxfp4_gpt_oss(folder: str) -> str:
     """A tiny GPT-OSS whose experts are MXFP4 (the transformers-5 fused keys, as the hub checkpoints)."""
     torch.manual_seed(0)
     config = AutoConfig.for_model(
-        "gpt_oss", vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=128,
-        sliding_window=64, tie_word_embeddings=False,
-    )  # fmt: skip
+        "gpt_oss",
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        max_position_embeddings=128,
+        sliding_window=64,
+        tie_word_embeddings=False,
+    )
     model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
         for layer in model.model.layers:

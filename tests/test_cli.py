@@ -19,8 +19,18 @@ from hf_moe_offload.cli.main import main as cli
 from hf_moe_offload.config import OffloadConfig
 
 DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
-TINY_BENCH = ["--in-process", "--reps", "1", "--new-tokens", "3", "--prompt-len", "4", "--bandwidth-bytes", "1MiB",
-              "--no-progress"]  # fmt: skip
+TINY_BENCH = [
+    "--in-process",
+    "--reps",
+    "1",
+    "--new-tokens",
+    "3",
+    "--prompt-len",
+    "4",
+    "--bandwidth-bytes",
+    "1MiB",
+    "--no-progress",
+]
 
 
 def _documented(section: str) -> set[str]:
@@ -74,10 +84,22 @@ def test_bench_arguments_parse_with_documented_defaults():
     from hf_moe_offload.bench.scenario_bench import make_configs, make_points
 
     names = [c.name for c in make_configs(["25", "2GiB"], ablations=["prefetch", "io_threads=1"])]
-    assert names == ["memory", "accelerate@25%", "offload@25%", "offload@25%-prefetch", "offload@25%[io_threads=1]",
-                     "accelerate@2GiB", "offload@2GiB", "offload@2GiB-prefetch", "offload@2GiB[io_threads=1]"]  # fmt: skip
+    assert names == [
+        "memory",
+        "accelerate@25%",
+        "offload@25%",
+        "offload@25%-prefetch",
+        "offload@25%[io_threads=1]",
+        "accelerate@2GiB",
+        "offload@2GiB",
+        "offload@2GiB-prefetch",
+        "offload@2GiB[io_threads=1]",
+    ]
     assert [p["key"] for p in make_points(["latency", "throughput"], [1, 8], 16, 4)] == [
-        "latency", "throughput@1", "throughput@8"]  # fmt: skip
+        "latency",
+        "throughput@1",
+        "throughput@8",
+    ]
 
 
 def test_bench_emits_tables_then_one_json_line_with_the_documented_keys(mixtral_dir, capsys):
@@ -135,8 +157,21 @@ def test_bench_replays_a_recorded_routing(mixtral_dir, mixtral_model, tmp_path, 
     with record_routing(mixtral_model, meta={"batch": 1, "prompt_len": 5}) as rec:
         mixtral_model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
     rec.trace().save(str(tmp_path / "r.npz"))
-    code = cli(["bench", mixtral_dir, *TINY_BENCH, "--baselines", "memory", "--budgets", "50", "--batches", "1,2",
-                "--replay", str(tmp_path / "r.npz")])  # fmt: skip
+    code = cli(
+        [
+            "bench",
+            mixtral_dir,
+            *TINY_BENCH,
+            "--baselines",
+            "memory",
+            "--budgets",
+            "50",
+            "--batches",
+            "1,2",
+            "--replay",
+            str(tmp_path / "r.npz"),
+        ]
+    )
     out = capsys.readouterr().out
     record = _last_json(out)
     assert code == 0 and "throughput@2: skipped" in out
@@ -147,8 +182,22 @@ def test_bench_replays_a_recorded_routing(mixtral_dir, mixtral_model, tmp_path, 
 
 def test_trace_writes_a_perfetto_json_a_png_and_a_routing_trace(mixtral_dir, tmp_path, capsys):
     out_dir, routing = tmp_path / "trace", tmp_path / "routing.npz"
-    code = cli(["trace", mixtral_dir, "--max-new-tokens", "4", "--prompt-len", "6", "--out", str(out_dir),
-                "--record-routing", str(routing), "--host-budget", "50%"])  # fmt: skip
+    code = cli(
+        [
+            "trace",
+            mixtral_dir,
+            "--max-new-tokens",
+            "4",
+            "--prompt-len",
+            "6",
+            "--out",
+            str(out_dir),
+            "--record-routing",
+            str(routing),
+            "--host-budget",
+            "50%",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     record = _last_json(out)
@@ -171,8 +220,24 @@ def test_trace_at_a_batch_replays_at_every_smaller_batch(tiny_with_tokenizer, tm
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("def f(x):\\n    return x\nthe state of the union\n")
     routing = tmp_path / "r3.npz"
-    code = cli(["trace", tiny_with_tokenizer, "--prompt-file", str(prompts), "--batch", "3", "--max-new-tokens", "3",
-                "--out", str(tmp_path / "t"), "--record-routing", str(routing), "--png-steps", "2"])  # fmt: skip
+    code = cli(
+        [
+            "trace",
+            tiny_with_tokenizer,
+            "--prompt-file",
+            str(prompts),
+            "--batch",
+            "3",
+            "--max-new-tokens",
+            "3",
+            "--out",
+            str(tmp_path / "t"),
+            "--record-routing",
+            str(routing),
+            "--png-steps",
+            "2",
+        ]
+    )
     assert code == 0
     from hf_moe_offload.prefetch.trace import RoutingTrace
 
@@ -181,8 +246,23 @@ def test_trace_at_a_batch_replays_at_every_smaller_batch(tiny_with_tokenizer, tm
     assert recorded.meta["batch"] == 3 and length == len("def f(x):\n    return x")  # one token per character
     assert len(recorded.rows(0, 0)[0]) == 3 * length and len(recorded.rows(1, 0)[0]) == 3
     capsys.readouterr()
-    code = cli(["bench", tiny_with_tokenizer, *TINY_BENCH, "--baselines", "memory", "--budgets", "50",
-                "--scenario", "throughput", "--batches", "1,2,4", "--replay", str(routing)])  # fmt: skip
+    code = cli(
+        [
+            "bench",
+            tiny_with_tokenizer,
+            *TINY_BENCH,
+            "--baselines",
+            "memory",
+            "--budgets",
+            "50",
+            "--scenario",
+            "throughput",
+            "--batches",
+            "1,2,4",
+            "--replay",
+            str(routing),
+        ]
+    )
     out = capsys.readouterr().out
     record = _last_json(out)
     assert code == 0 and "throughput@4: skipped" in out, out
@@ -218,8 +298,9 @@ def test_inspect_a_tiny_checkpoint(mixtral_dir, capsys):
 
 
 def test_run_json_prints_one_record(tiny_with_tokenizer, capsys):
-    code = cli(["run", tiny_with_tokenizer, "--prompt", "hello", "--max-new-tokens", "3", "--json",
-                "--host-budget", "50%"])  # fmt: skip
+    code = cli(
+        ["run", tiny_with_tokenizer, "--prompt", "hello", "--max-new-tokens", "3", "--json", "--host-budget", "50%"]
+    )
     captured = capsys.readouterr()
     assert code == 0 and len(captured.out.strip().splitlines()) == 1
     record = json.loads(captured.out)
@@ -250,6 +331,10 @@ def test_synthetic_presets_keep_real_layer_shapes_and_scale_depth():
     assert layers == 2 and nbytes <= 8 * 1024**3
     config = preset_config("mixtral-8x7b", layers)
     assert (config.hidden_size, config.intermediate_size, config.num_local_experts, config.num_experts_per_tok) == (
-        4096, 14336, 8, 2)  # fmt: skip
+        4096,
+        14336,
+        8,
+        2,
+    )
     with pytest.raises(UnknownNameError, match="olmoe-1b-7b"):
         preset_config("gpt-5")

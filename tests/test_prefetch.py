@@ -201,8 +201,15 @@ def test_poor_predictions_switch_speculative_loads_off(mixtral_dir, mixtral_mode
 
     _, layout, _ = inspect_checkpoint(mixtral_model, mixtral_dir)
     stats = OffloadStats()
-    cache = ExpertCache(ExpertStore(layout), device=torch.device("cpu"), host_slots=6, device_slots=0,
-                        policy_factory=lambda: make_policy("lru"), io_threads=2, stats=stats)  # fmt: skip
+    cache = ExpertCache(
+        ExpertStore(layout),
+        device=torch.device("cpu"),
+        host_slots=6,
+        device_slots=0,
+        policy_factory=lambda: make_policy("lru"),
+        io_threads=2,
+        stats=stats,
+    )
     pf = Prefetcher(cache, [AlwaysSeven([8, 8], 2)], [8, 8], 2)
     routing = torch.tensor([[0, 1]])
     issued = []

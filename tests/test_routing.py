@@ -117,8 +117,10 @@ def test_report_decodes_each_sequence_from_a_cold_cache():
 
 def test_next_layer_recall_by_hand():
     # layer 0's lookahead predicts layer 1's experts: token 0 both right, token 1 one of two -> (1 + 0.5) / 2
-    chunks = [(0, 0, np.array([[0, 1], [2, 3]]), np.ones((2, 2)), np.array([[4, 5], [6, 0]])),
-              (0, 1, np.array([[5, 4], [6, 7]]), np.ones((2, 2)), np.full((2, 2), -1))]  # fmt: skip
+    chunks = [
+        (0, 0, np.array([[0, 1], [2, 3]]), np.ones((2, 2)), np.array([[4, 5], [6, 0]])),
+        (0, 1, np.array([[5, 4], [6, 7]]), np.ones((2, 2)), np.full((2, 2), -1)),
+    ]
     trace = RoutingTrace.concat(2, 8, 2, chunks, {"batch": 1})
     assert next_layer_recall(trace) == [pytest.approx(0.75)]
     with pytest.raises(ValueError, match="no lookahead"):

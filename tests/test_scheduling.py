@@ -42,8 +42,16 @@ MiB = 2**20
 
 def _profile(a=0.5e-3, b=0.0, disk=1e9, nbytes=MB, device=None) -> HardwareProfile:
     """A profile with round numbers: one expert load takes `nbytes / disk` s, one expert on n tokens `a + b n` s."""
-    p = HardwareProfile(expert_nbytes=nbytes, hidden_size=64, intermediate_size=64, dtype="bfloat16",
-                        disk_read_Bps=disk, cpu_mem_Bps=1e30, cpu_fit=LinearFit(a, b), page_cache_read_Bps=10 * disk)  # fmt: skip
+    p = HardwareProfile(
+        expert_nbytes=nbytes,
+        hidden_size=64,
+        intermediate_size=64,
+        dtype="bfloat16",
+        disk_read_Bps=disk,
+        cpu_mem_Bps=1e30,
+        cpu_fit=LinearFit(a, b),
+        page_cache_read_Bps=10 * disk,
+    )
     if device is not None:
         p.device, p.h2d_Bps, p.device_mem_Bps, p.device_fit = "cuda:0 fake", device[0], 1e30, LinearFit(*device[1])
     return p
@@ -106,8 +114,11 @@ def test_expected_distinct_matches_monte_carlo(batch, experts, k):
 def _uniform_trace(layers, experts, k, batch, steps=400, seed=0) -> RoutingTrace:
     """Decode steps of `batch` tokens, each routed to `k` distinct experts drawn uniformly, at every layer."""
     rng = np.random.default_rng(seed)
-    chunks = [(step, layer, np.stack([rng.choice(experts, k, replace=False) for _ in range(batch)]), np.ones((batch, k)))
-              for step in range(steps) for layer in range(layers)]  # fmt: skip
+    chunks = [
+        (step, layer, np.stack([rng.choice(experts, k, replace=False) for _ in range(batch)]), np.ones((batch, k)))
+        for step in range(steps)
+        for layer in range(layers)
+    ]
     return RoutingTrace.concat(layers, experts, k, chunks, {"batch": batch})
 
 
@@ -128,8 +139,11 @@ def test_expected_lru_hit_rate_limits():
 def test_distinct_from_trace_and_plan_uses_it():
     # Decode steps use one of two expert pairs, {0, 1} or {2, 3}: a batch never needs more than 4 experts.
     chunks = [(0, layer, np.array([[0, 1]] * 3), np.ones((3, 2))) for layer in range(2)]
-    chunks += [(s, layer, np.array([[2 * (s % 2), 2 * (s % 2) + 1]]), np.ones((1, 2))) for s in range(1, 41)
-               for layer in range(2)]  # fmt: skip
+    chunks += [
+        (s, layer, np.array([[2 * (s % 2), 2 * (s % 2) + 1]]), np.ones((1, 2)))
+        for s in range(1, 41)
+        for layer in range(2)
+    ]
     trace = RoutingTrace.concat(2, 8, 2, chunks, {})
     curve = distinct_from_trace(trace, (1, 2, 32), samples=32)
     assert curve[1] == [2.0, 2.0]
@@ -286,8 +300,13 @@ def test_profile_measures_and_round_trips(tmp_path):
     sample.write_bytes(b"\1" * (2 << 20))
     cold, warm = measure_read_bandwidth(sample, block=1 << 20)
     assert cold > 0 and warm > 0
-    p = measure_profile({"gate_up_proj": [64, 32], "down_proj": [32, 32]}, "float32", sample_file=sample,
-                        token_counts=(1, 4, 16), repeats=2)  # fmt: skip
+    p = measure_profile(
+        {"gate_up_proj": [64, 32], "down_proj": [32, 32]},
+        "float32",
+        sample_file=sample,
+        token_counts=(1, 4, 16),
+        repeats=2,
+    )
     assert (p.hidden_size, p.intermediate_size, p.expert_nbytes) == (32, 32, 3 * 32 * 32 * 4)
     assert p.disk_read_Bps > 0 and p.cpu_mem_Bps > 0 and len(p.cpu_fit.points) == 3 and not p.has_device
     assert p.disk_samples_Bps == [p.disk_read_Bps]
@@ -334,8 +353,16 @@ def test_resolve_auto_cpu_and_cuda_budgets():
     assert tight["host_budget"] == 2 * MB and tight["prefetch_depth"] == 1  # floored at top-k experts
     roomy = resolve_auto(OffloadConfig(device="cpu"), summary, None, host_memory_bytes=10**12)
     assert roomy["host_budget"] == 32 * MB  # capped at all expert bytes
-    gpu = resolve_auto(OffloadConfig(device="cpu"), summary, None, device="cuda", host_memory_bytes=10 * MB,
-                       device_memory_bytes=20 * MB, batch_size=2, seq_bytes=MB)  # fmt: skip
+    gpu = resolve_auto(
+        OffloadConfig(device="cpu"),
+        summary,
+        None,
+        device="cuda",
+        host_memory_bytes=10 * MB,
+        device_memory_bytes=20 * MB,
+        batch_size=2,
+        seq_bytes=MB,
+    )
     assert gpu["device_budget"] == 18 * MB - 10 * MB - 2 * MB and gpu["host_budget"] == 9 * MB
     cfg = auto_config(OffloadConfig(device="cpu"), summary, profile=fast, host_memory_bytes=30 * MB)
     assert cfg.host_budget.nbytes == 17 * MB and cfg.prefetch_depth == 2
@@ -343,15 +370,44 @@ def test_resolve_auto_cpu_and_cuda_budgets():
 
 # -- CLI ---------------------------------------------------------------------------------------------------------
 
-PLAN_KEYS = {"batch_size", "feasible", "tokens_per_s", "step_s", "serial_step_s", "bubble_fraction", "hit_rate",
-             "placement", "host_budget_bytes", "device_budget_bytes", "transfer_s", "compute_s", "min_overlap_batch",
-             "candidates", "inputs", "model", "profile", "offload_config"}  # fmt: skip
+PLAN_KEYS = {
+    "batch_size",
+    "feasible",
+    "tokens_per_s",
+    "step_s",
+    "serial_step_s",
+    "bubble_fraction",
+    "hit_rate",
+    "placement",
+    "host_budget_bytes",
+    "device_budget_bytes",
+    "transfer_s",
+    "compute_s",
+    "min_overlap_batch",
+    "candidates",
+    "inputs",
+    "model",
+    "profile",
+    "offload_config",
+}
 
 
 def test_plan_command_prints_table_and_json(mixtral_dir, tmp_path, capsys):
     profile = tmp_path / "p.json"
-    code = cli_main(["plan", mixtral_dir, "--memory", "64MiB", "--disk-bandwidth", "400MB",
-                     "--save-profile", str(profile), "--batches", "1,4,16"])  # fmt: skip
+    code = cli_main(
+        [
+            "plan",
+            mixtral_dir,
+            "--memory",
+            "64MiB",
+            "--disk-bandwidth",
+            "400MB",
+            "--save-profile",
+            str(profile),
+            "--batches",
+            "1,4,16",
+        ]
+    )
     out = capsys.readouterr().out.strip().splitlines()
     record = json.loads(out[-1])
     assert code == 0 and PLAN_KEYS <= set(record)
@@ -378,16 +434,36 @@ def test_plan_and_auto_reserve_the_same_bytes(mixtral_dir, tmp_path, capsys):
     memory = info["other_bytes"] + seq + 7 * expert + 100  # 7 slots once the KV is kept, 10 if it were forgotten
     profile = _profile(nbytes=expert)
     profile.save(tmp_path / "p.json")
-    code = cli_main(["plan", mixtral_dir, "--memory", str(memory), "--profile", str(tmp_path / "p.json"),
-                     "--batches", "1", "--context", "512"])  # fmt: skip
+    code = cli_main(
+        [
+            "plan",
+            mixtral_dir,
+            "--memory",
+            str(memory),
+            "--profile",
+            str(tmp_path / "p.json"),
+            "--batches",
+            "1",
+            "--context",
+            "512",
+        ]
+    )
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert code == 0 and record["inputs"]["seq_bytes"] == seq > 3 * expert
     assert record["inputs"]["model"] == dataclasses.asdict(shape) and shape.embedding_nbytes > 0
     assert record["host_budget_bytes"] == 7 * expert
 
     sample = max(checkpoint_files(mixtral_dir), key=os.path.getsize)
-    cfg = auto_config(OffloadConfig(mode="auto", device="cpu"), info, sample_file=sample, device="cpu",
-                      profile=profile, host_memory_bytes=memory, reserve_fraction=0.0, context=512)  # fmt: skip
+    cfg = auto_config(
+        OffloadConfig(mode="auto", device="cpu"),
+        info,
+        sample_file=sample,
+        device="cpu",
+        profile=profile,
+        host_memory_bytes=memory,
+        reserve_fraction=0.0,
+        context=512,
+    )
     assert cfg.host_budget.nbytes == record["host_budget_bytes"]
     direct = plan_for_model(profile, info, memory, model_config=config, batch_candidates=(1,))
     assert direct.host_budget_bytes == record["host_budget_bytes"] and direct.inputs["seq_bytes"] == seq

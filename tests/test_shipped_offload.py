@@ -26,8 +26,20 @@ def test_offloaded_shipped_model_matches_and_prefetches_well():
 
 
 def test_readme_main_command():
-    cmd = [sys.executable, "-m", "hf_moe_offload.cli.main", "run", MODEL, "--host-budget", "25%",
-           "--prompt", "Fellow citizens", "--max-new-tokens", "8", "--json"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "hf_moe_offload.cli.main",
+        "run",
+        MODEL,
+        "--host-budget",
+        "25%",
+        "--prompt",
+        "Fellow citizens",
+        "--max-new-tokens",
+        "8",
+        "--json",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
     record = json.loads(out.stdout.strip().splitlines()[-1])

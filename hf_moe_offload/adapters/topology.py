@@ -20,9 +20,15 @@ __all__ = ["ExpertsLayer", "MoETopology", "describe_model", "TOP_K_CONFIG_KEYS",
 ROUTER_ATTRS = ("gate", "router")
 # Config attributes that hold the number of experts each token is routed to, by family (data, not code).
 TOP_K_CONFIG_KEYS = (
-    "num_experts_per_tok", "num_experts_per_token", "moe_topk", "top_k", "moe_k", "router_topk", "moe_top_k",
+    "num_experts_per_tok",
+    "num_experts_per_token",
+    "moe_topk",
+    "top_k",
+    "moe_k",
+    "router_topk",
+    "moe_top_k",
     "top_k_experts",
-)  # fmt: skip
+)
 # Nested configs searched after the experts module's own config and the model config (DBRX keeps top-k in
 # `ffn_config`, multimodal models in `text_config`).
 _SUB_CONFIGS = ("ffn_config", "text_config")

@@ -31,22 +31,53 @@ MARKER = "synth.json"
 # Values from the public config.json of each model (shapes only; weights are random).
 PRESETS: dict[str, dict] = {
     "mixtral-8x7b": dict(
-        model_type="mixtral", hidden_size=4096, intermediate_size=14336, num_local_experts=8, num_experts_per_tok=2,
-        num_attention_heads=32, num_key_value_heads=8, vocab_size=32000, num_hidden_layers=32,
-        max_position_embeddings=32768, rope_theta=1e6, tie_word_embeddings=False,
+        model_type="mixtral",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=32000,
+        num_hidden_layers=32,
+        max_position_embeddings=32768,
+        rope_theta=1e6,
+        tie_word_embeddings=False,
     ),
     "qwen3-30b-a3b": dict(
-        model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
-        num_experts=128, num_experts_per_tok=8, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
-        vocab_size=151936, num_hidden_layers=48, decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True,
-        max_position_embeddings=40960, rope_theta=1e6, tie_word_embeddings=False,
+        model_type="qwen3_moe",
+        hidden_size=2048,
+        intermediate_size=6144,
+        moe_intermediate_size=768,
+        num_experts=128,
+        num_experts_per_tok=8,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        head_dim=128,
+        vocab_size=151936,
+        num_hidden_layers=48,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        norm_topk_prob=True,
+        max_position_embeddings=40960,
+        rope_theta=1e6,
+        tie_word_embeddings=False,
     ),
     "olmoe-1b-7b": dict(
-        model_type="olmoe", hidden_size=2048, intermediate_size=1024, num_experts=64, num_experts_per_tok=8,
-        num_attention_heads=16, num_key_value_heads=16, vocab_size=50304, num_hidden_layers=16,
-        max_position_embeddings=4096, rope_theta=10000.0, tie_word_embeddings=False,
+        model_type="olmoe",
+        hidden_size=2048,
+        intermediate_size=1024,
+        num_experts=64,
+        num_experts_per_tok=8,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        vocab_size=50304,
+        num_hidden_layers=16,
+        max_position_embeddings=4096,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
     ),
-}  # fmt: skip
+}
 
 
 def preset_config(name: str, num_layers: int | None = None) -> PretrainedConfig:
@@ -115,8 +146,14 @@ def synthesize_preset(
     else:
         nbytes = None
     folder = Path(root or default_synth_dir()) / f"{name}-{num_layers}l-{layout}"
-    info = {"preset": name, "layers": num_layers, "real_layers": PRESETS[name]["num_hidden_layers"],
-            "layout": layout, "seed": seed, "dtype": "bfloat16"}  # fmt: skip
+    info = {
+        "preset": name,
+        "layers": num_layers,
+        "real_layers": PRESETS[name]["num_hidden_layers"],
+        "layout": layout,
+        "seed": seed,
+        "dtype": "bfloat16",
+    }
     marker = folder / MARKER
     if marker.is_file():
         try:

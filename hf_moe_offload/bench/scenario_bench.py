@@ -113,8 +113,11 @@ def make_configs(
         budget = _budget_label(raw)
         parse_budget(budget, "--budgets")
         if "accelerate" in baselines:
-            configs.append(BenchConfig(f"accelerate@{budget}", "accelerate", budget,
-                                       note="device_map=auto, max_memory, offload_folder"))  # fmt: skip
+            configs.append(
+                BenchConfig(
+                    f"accelerate@{budget}", "accelerate", budget, note="device_map=auto, max_memory, offload_folder"
+                )
+            )
         base = {**(offload or {}), tier: budget, "device": device}
         OffloadConfig.from_dict(base)
         configs.append(BenchConfig(f"offload@{budget}", "offload", budget, base, note="hf_moe_offload"))
@@ -136,8 +139,11 @@ def make_points(scenarios: list[str], batches: list[int], prompt_len: int, new_t
         points.append(dict(key="latency", scenario="latency", batch=1, prompt_len=prompt_len, new_tokens=new_tokens))
     if "throughput" in scenarios:
         for b in batches:
-            points.append(dict(key=f"throughput@{b}", scenario="throughput", batch=b, prompt_len=prompt_len,
-                               new_tokens=new_tokens))  # fmt: skip
+            points.append(
+                dict(
+                    key=f"throughput@{b}", scenario="throughput", batch=b, prompt_len=prompt_len, new_tokens=new_tokens
+                )
+            )
     return points
 
 
@@ -218,10 +224,24 @@ def run_scenarios(
                 budget = cfg.budget_bytes(sizes)
                 folder = tempfile.mkdtemp(prefix="hf-moe-offload-accelerate-") if cfg.kind == "accelerate" else None
                 scratch = tempfile.mkdtemp(prefix="hf-moe-offload-bench-")
-                spec = dict(entry=WORKER_ENTRY, name=cfg.name, kind=cfg.kind, model_dir=str(model_dir),
-                            budget_bytes=budget, offload_config=cfg.offload_config, offload_folder=folder,
-                            mode=mode, points=points, threads=threads, dtype=dtype, device=device, sample=sample,
-                            seed=seed, replay=replay, partial_path=os.path.join(scratch, "partial.json"))  # fmt: skip
+                spec = dict(
+                    entry=WORKER_ENTRY,
+                    name=cfg.name,
+                    kind=cfg.kind,
+                    model_dir=str(model_dir),
+                    budget_bytes=budget,
+                    offload_config=cfg.offload_config,
+                    offload_folder=folder,
+                    mode=mode,
+                    points=points,
+                    threads=threads,
+                    dtype=dtype,
+                    device=device,
+                    sample=sample,
+                    seed=seed,
+                    replay=replay,
+                    partial_path=os.path.join(scratch, "partial.json"),
+                )
                 try:
                     if mode != "warm":
                         evict_page_cache(model_dir)

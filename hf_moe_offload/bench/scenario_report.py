@@ -31,8 +31,12 @@ __all__ = ["format_tables", "limits_record", "summarise", "summarise_configs"]
 
 def limits_record(profile: HardwareProfile) -> dict:
     """The `limits` of the JSON line (docs/benchmarks.md): the profile's bandwidths under their documented keys."""
-    return {"disk_Bps": profile.disk_read_Bps, "page_cache_Bps": profile.page_cache_read_Bps,
-            "h2d_Bps": profile.h2d_Bps, "disk_samples_Bps": list(profile.disk_samples_Bps)}  # fmt: skip
+    return {
+        "disk_Bps": profile.disk_read_Bps,
+        "page_cache_Bps": profile.page_cache_read_Bps,
+        "h2d_Bps": profile.h2d_Bps,
+        "disk_samples_Bps": list(profile.disk_samples_Bps),
+    }
 
 
 def _median(values) -> float | None:
@@ -63,8 +67,9 @@ def _speed(point: dict, s: dict) -> float | None:
     return s["tok_s"]
 
 
-def summarise(runs: dict[str, list[dict]], configs: list[BenchConfig], points: list[dict],
-              limits: HardwareProfile, mode: str) -> dict[str, dict[str, dict]]:  # fmt: skip
+def summarise(
+    runs: dict[str, list[dict]], configs: list[BenchConfig], points: list[dict], limits: HardwareProfile, mode: str
+) -> dict[str, dict[str, dict]]:
     """`{point key: {config name: summary}}` (see the module docstring for the derived columns)."""
     bandwidth = limits.page_cache_read_Bps if mode == "warm" else limits.disk_read_Bps
     out: dict[str, dict[str, dict]] = {}
@@ -101,8 +106,9 @@ def summarise(runs: dict[str, list[dict]], configs: list[BenchConfig], points: l
             s = table[cfg.name]
             compute = memory["step_p50_s"] if memory and memory["step_p50_s"] else s["compute_s_per_step"]
             s["compute_ref_s"] = compute
-            s["lower_bound_s"] = lower_bound(compute, s["moved_bytes_per_step"], bandwidth, s["h2d_bytes_per_step"],
-                                             limits.h2d_Bps)  # fmt: skip
+            s["lower_bound_s"] = lower_bound(
+                compute, s["moved_bytes_per_step"], bandwidth, s["h2d_bytes_per_step"], limits.h2d_Bps
+            )
             step = s["step_p50_s"]
             s["efficiency"] = s["lower_bound_s"] / step if s["lower_bound_s"] and step else None
             accel = table.get(f"accelerate@{cfg.budget}")
@@ -140,16 +146,19 @@ def _f(value, spec: str = ".2f", scale: float = 1.0) -> str:
     return "-" if value is None else format(value / scale, spec)
 
 
-def format_tables(results: dict[str, dict[str, dict]], points: list[dict], config_info: dict, *,
-                  limits: HardwareProfile, mode: str) -> str:  # fmt: skip
+def format_tables(
+    results: dict[str, dict[str, dict]], points: list[dict], config_info: dict, *, limits: HardwareProfile, mode: str
+) -> str:
     """Plain-text tables: the configurations, then one table per scenario point."""
     bound_bw = "page cache" if mode == "warm" else "disk"
     lines = [f"mode {mode}; bandwidth {limits.describe()}; bounds use the {bound_bw} bandwidth", ""]
     lines.append(f"{'config':<30}{'budget':>11}{'load s':>8}{'peak anon GB':>13}{'cgroup max GB':>14}  note")
     for name, c in config_info.items():
-        lines.append(f"{name:<30}{format_bytes(c['budget_bytes']):>11}{_f(c['load_s'], '.1f'):>8}"
-                     f"{_f(c['peak_anon_bytes'], '.2f', 1e9):>13}{_f(c['cgroup_max_usage_bytes'], '.2f', 1e9):>14}"
-                     f"  {c['note']}")  # fmt: skip
+        lines.append(
+            f"{name:<30}{format_bytes(c['budget_bytes']):>11}{_f(c['load_s'], '.1f'):>8}"
+            f"{_f(c['peak_anon_bytes'], '.2f', 1e9):>13}{_f(c['cgroup_max_usage_bytes'], '.2f', 1e9):>14}"
+            f"  {c['note']}"
+        )
         for err in c["errors"]:
             lines.append(f"{'':<30}error: {err.splitlines()[-1] if err else ''}")
     for point in points:
@@ -159,9 +168,11 @@ def format_tables(results: dict[str, dict[str, dict]], points: list[dict], confi
             f"{point['key']}: batch {point['batch']}, prompt {point['prompt_len']}, "
             f"{point['new_tokens']} new tokens (medians of {max(s['runs'] for s in table.values())} runs)",
         ]
-        lines.append(f"{'config':<30}{'TTFT s':>8}{'p50 ms':>9}{'p90 ms':>9}{'tok/s':>9}{'x accel':>8}{'x mem':>7}"
-                     f"{'moved MB':>9}{'disk MB':>8}{'hit %':>6}{'stall ms':>9}{'bound ms':>9}{'effic.':>7}"
-                     f"{'same tok':>9}")  # fmt: skip
+        lines.append(
+            f"{'config':<30}{'TTFT s':>8}{'p50 ms':>9}{'p90 ms':>9}{'tok/s':>9}{'x accel':>8}{'x mem':>7}"
+            f"{'moved MB':>9}{'disk MB':>8}{'hit %':>6}{'stall ms':>9}{'bound ms':>9}{'effic.':>7}"
+            f"{'same tok':>9}"
+        )
         for name, s in table.items():
             lines.append(
                 f"{name:<30}{_f(s['ttft_s'], '.2f'):>8}{_f(s['step_p50_s'], '.1f', 1e-3):>9}"
@@ -173,6 +184,9 @@ def format_tables(results: dict[str, dict[str, dict]], points: list[dict], confi
             )
             for problem in s["problems"]:
                 lines.append(f"{'':<30}{s['runs'] - s['runs_ok']} run(s) without a result: {problem.splitlines()[-1]}")
-    lines += ["", "moved/disk MB: per decode step (moved = bytes the method had to bring in; disk = what the worker "
-                  "read from storage); bound = max(compute, moved / bandwidth); effic. = bound / p50 step"]  # fmt: skip
+    lines += [
+        "",
+        "moved/disk MB: per decode step (moved = bytes the method had to bring in; disk = what the worker "
+        "read from storage); bound = max(compute, moved / bandwidth); effic. = bound / p50 step",
+    ]
     return "\n".join(lines)

@@ -120,8 +120,13 @@ def run_point(model, spec: dict, point: dict, trace=None) -> dict:
 
     def snapshot():
         stats = engine.stats_dict() if engine is not None else {}
-        return (time.perf_counter(), stats.get("bytes_loaded"), stats.get("bytes_h2d"), process_io().get("read_bytes"),
-                stats.get("stall_seconds"))  # fmt: skip
+        return (
+            time.perf_counter(),
+            stats.get("bytes_loaded"),
+            stats.get("bytes_h2d"),
+            process_io().get("read_bytes"),
+            stats.get("stall_seconds"),
+        )
 
     ids = prompt_ids(spec["model_dir"], model.config.vocab_size, batch, length, spec.get("seed", 0) + batch)
     ids = ids.to(spec.get("device") or "cpu")  # not model.device: meta when accelerate put every weight on "disk"
@@ -145,8 +150,15 @@ def run_point(model, spec: dict, point: dict, trace=None) -> dict:
     try:
         timer.start()
         with torch.inference_mode():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                                 logits_processor=[timer], pad_token_id=pad, **sampling)  # fmt: skip
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                logits_processor=[timer],
+                pad_token_id=pad,
+                **sampling,
+            )
     finally:
         if replay is not None:
             replay.__exit__(None, None, None)
@@ -176,8 +188,11 @@ def run_point(model, spec: dict, point: dict, trace=None) -> dict:
         steps = max(1, len(decode))
         result["stall_s_per_step"] = _mean(_deltas([e[4] for e in timer.extras]))
         if len(marks) >= 2:  # expert math inside the decode window: the compute part of the lower bound
-            busy = sum(e.end - e.start for e in timeline.events()
-                       if e.kind == "compute" and e.start >= marks[0] and e.end <= marks[-1])  # fmt: skip
+            busy = sum(
+                e.end - e.start
+                for e in timeline.events()
+                if e.kind == "compute" and e.start >= marks[0] and e.end <= marks[-1]
+            )
             result["compute_s_per_step"] = busy / steps
         timeline.clear()
     else:

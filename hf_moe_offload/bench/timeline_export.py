@@ -24,8 +24,14 @@ from collections import Counter
 
 __all__ = ["compute_thread", "step_spans", "timeline_metrics", "to_chrome_trace", "plot_timeline"]
 
-_COLORS = {"compute": "#3b7dd8", "stall": "#d62728", "layer": "#c7c7c7", "disk->host": "#ff7f0e",
-           "host->device": "#2ca02c", "step": ("#f2f2f2", "#e0e0e0")}  # fmt: skip
+_COLORS = {
+    "compute": "#3b7dd8",
+    "stall": "#d62728",
+    "layer": "#c7c7c7",
+    "disk->host": "#ff7f0e",
+    "host->device": "#2ca02c",
+    "step": ("#f2f2f2", "#e0e0e0"),
+}
 
 
 def compute_thread(events) -> str | None:
@@ -135,14 +141,34 @@ def to_chrome_trace(events, *, meta: dict | None = None) -> dict:
         return round((t - t0) * 1e6, 3)
 
     for i, (s, e) in enumerate(step_spans(events)):
-        out.append({"name": "prefill" if i == 0 else f"step {i}", "cat": "step", "ph": "X", "ts": us(s),
-                    "dur": round((e - s) * 1e6, 3), "pid": 1, "tid": 1, "args": {"step": i}})  # fmt: skip
+        out.append(
+            {
+                "name": "prefill" if i == 0 else f"step {i}",
+                "cat": "step",
+                "ph": "X",
+                "ts": us(s),
+                "dur": round((e - s) * 1e6, 3),
+                "pid": 1,
+                "tid": 1,
+                "args": {"step": i},
+            }
+        )
     for ev in sorted(events, key=lambda e: (e.start, -(e.end - e.start))):
         tid = tids.setdefault(ev.thread, len(tids) + 1)
         cat = ev.kind + (",speculative" if ev.args.get("speculative") else "")
         args = {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v)) for k, v in ev.args.items()}
-        out.append({"name": ev.name, "cat": cat, "ph": "X", "ts": us(ev.start), "dur": round((ev.end - ev.start) * 1e6, 3),
-                    "pid": 1, "tid": tid, "args": args})  # fmt: skip
+        out.append(
+            {
+                "name": ev.name,
+                "cat": cat,
+                "ph": "X",
+                "ts": us(ev.start),
+                "dur": round((ev.end - ev.start) * 1e6, 3),
+                "pid": 1,
+                "tid": tid,
+                "args": args,
+            }
+        )
     return {"traceEvents": out, "displayTimeUnit": "ms", "otherData": meta or {}}
 
 
@@ -179,22 +205,42 @@ def plot_timeline(events, path: str, *, title: str = "", max_steps: int | None =
 
     def bars(lane: str, items, color, *, hatch=None, alpha=1.0, edge=None, height=0.7) -> None:
         if items:
-            ax.broken_barh([(ms(s), (e - s) * 1e3) for s, e in items], (y[lane] - height / 2, height),
-                           facecolors=color, hatch=hatch, alpha=alpha, edgecolor=edge, linewidth=0.3)  # fmt: skip
+            ax.broken_barh(
+                [(ms(s), (e - s) * 1e3) for s, e in items],
+                (y[lane] - height / 2, height),
+                facecolors=color,
+                hatch=hatch,
+                alpha=alpha,
+                edgecolor=edge,
+                linewidth=0.3,
+            )
 
     for i, (s, e) in enumerate(spans):
         bars("steps", [(s, e)], _COLORS["step"][i % 2], edge="#999999")
         ax.axvline(ms(s), color="#888888", linewidth=0.6, linestyle="--", zorder=0)
         if (e - s) / max(spans[-1][1] - t0, 1e-9) > 0.02:
-            ax.text(ms(s) + (e - s) * 500, y["steps"], "prefill" if i == 0 else f"step {i}", ha="center",
-                    va="center", fontsize=8)  # fmt: skip
+            ax.text(
+                ms(s) + (e - s) * 500,
+                y["steps"],
+                "prefill" if i == 0 else f"step {i}",
+                ha="center",
+                va="center",
+                fontsize=8,
+            )
     layer_events = [e for e in events if e.kind == "layer" and e.thread == main]
     bars("MoE layers", [(e.start, e.end) for e in layer_events], _COLORS["layer"], edge="#777777")
     span_ms = max(ms(max((e.end for e in events), default=t0)), 1e-9)
     for e in layer_events:  # label the layer calls that are wide enough to hold it
         if (e.end - e.start) * 1e3 / span_ms > 0.025:
-            ax.text(ms(e.start) + (e.end - e.start) * 500, y["MoE layers"], f"L{e.args.get('layer', '')}",
-                    ha="center", va="center", fontsize=7, color="#333333")  # fmt: skip
+            ax.text(
+                ms(e.start) + (e.end - e.start) * 500,
+                y["MoE layers"],
+                f"L{e.args.get('layer', '')}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="#333333",
+            )
     bars("compute", [(e.start, e.end) for e in events if e.kind == "compute"], _COLORS["compute"], edge="white")
     bars("stalls", [(e.start, e.end) for e in events if e.kind == "stall"], _COLORS["stall"])
     for i, thread in enumerate(io_threads):
@@ -202,21 +248,38 @@ def plot_timeline(events, path: str, *, title: str = "", max_steps: int | None =
             mine = [
                 e for e in events if e.kind == "io" and e.thread == thread and e.args.get("tier", "disk->host") == tier
             ]
-            bars(f"I/O {i}", [(e.start, e.end) for e in mine if not e.args.get("speculative")], _COLORS[tier],
-                 edge="#333333")  # fmt: skip
-            bars(f"I/O {i}", [(e.start, e.end) for e in mine if e.args.get("speculative")], _COLORS[tier],
-                 hatch="////", alpha=0.45, edge="#333333")  # fmt: skip
+            bars(
+                f"I/O {i}",
+                [(e.start, e.end) for e in mine if not e.args.get("speculative")],
+                _COLORS[tier],
+                edge="#333333",
+            )
+            bars(
+                f"I/O {i}",
+                [(e.start, e.end) for e in mine if e.args.get("speculative")],
+                _COLORS[tier],
+                hatch="////",
+                alpha=0.45,
+                edge="#333333",
+            )
     ax.set_yticks([y[name] for name in lanes], lanes)
     ax.set_ylim(-0.6, len(lanes) - 0.4)
     ax.set_xlabel("time (ms)")
     ax.set_xlim(0, max((ms(e.end) for e in events), default=1.0) * 1.01)
     ax.grid(axis="x", linewidth=0.3, alpha=0.5)
-    legend = [Patch(facecolor=_COLORS["compute"], label="expert compute"),
-              Patch(facecolor=_COLORS["stall"], label="stall (waiting for an expert)"),
-              Patch(facecolor=_COLORS["layer"], edgecolor="#777777", label="MoE layer call"),
-              Patch(facecolor=_COLORS["disk->host"], edgecolor="#333333", label="read disk->host (demand)"),
-              Patch(facecolor=_COLORS["disk->host"], alpha=0.45, hatch="////", edgecolor="#333333",
-                    label="read disk->host (prefetch)")]  # fmt: skip
+    legend = [
+        Patch(facecolor=_COLORS["compute"], label="expert compute"),
+        Patch(facecolor=_COLORS["stall"], label="stall (waiting for an expert)"),
+        Patch(facecolor=_COLORS["layer"], edgecolor="#777777", label="MoE layer call"),
+        Patch(facecolor=_COLORS["disk->host"], edgecolor="#333333", label="read disk->host (demand)"),
+        Patch(
+            facecolor=_COLORS["disk->host"],
+            alpha=0.45,
+            hatch="////",
+            edgecolor="#333333",
+            label="read disk->host (prefetch)",
+        ),
+    ]
     if any(e.kind == "io" and e.args.get("tier") == "host->device" for e in events):
         legend.append(Patch(facecolor=_COLORS["host->device"], label="copy host->device"))
     fig.legend(handles=legend, loc="lower center", ncol=len(legend), fontsize=8, frameon=False)

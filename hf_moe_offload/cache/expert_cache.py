@@ -365,8 +365,17 @@ class ExpertCache:
             if self.compute is self.host:
                 n = self.store.read_into(layer, expert, self.host.pool.buffer(e.slot))
                 self.stats.add("bytes_loaded", n)
-                self.timeline.record("io", f"read L{layer}E{expert}", t0, time.perf_counter(), layer=layer,
-                                     expert=expert, bytes=n, tier="disk->host", speculative=e.speculative)  # fmt: skip
+                self.timeline.record(
+                    "io",
+                    f"read L{layer}E{expert}",
+                    t0,
+                    time.perf_counter(),
+                    layer=layer,
+                    expert=expert,
+                    bytes=n,
+                    tier="disk->host",
+                    speculative=e.speculative,
+                )
             else:
                 self._load_to_device(e)
             self.stats.add("loads")
@@ -422,9 +431,17 @@ class ExpertCache:
             self.stats.add("bytes_h2d", self.layout.slot_nbytes)
             t_copy = time.perf_counter()
             event.synchronize()
-            self.timeline.record("io", f"h2d L{layer}E{expert}", t_copy, time.perf_counter(), layer=layer,
-                                 expert=expert, bytes=self.layout.slot_nbytes, tier="host->device",
-                                 speculative=e.speculative)  # fmt: skip  # this I/O thread waits, so the host slot / staging buffer can be reused safely
+            self.timeline.record(
+                "io",
+                f"h2d L{layer}E{expert}",
+                t_copy,
+                time.perf_counter(),
+                layer=layer,
+                expert=expert,
+                bytes=self.layout.slot_nbytes,
+                tier="host->device",
+                speculative=e.speculative,
+            )  # this I/O thread waits, so the host slot / staging buffer can be reused safely
         finally:
             if host_entry is not None:
                 self._unpin(self.host, host_entry)

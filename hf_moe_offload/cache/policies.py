@@ -15,8 +15,14 @@ from collections.abc import Hashable, Iterable
 from ..registry import Registry
 
 __all__ = [
-    "EvictionPolicy", "register_policy", "make_policy", "list_policies", "LRUPolicy", "LFUPolicy", "replay",
-]  # fmt: skip
+    "EvictionPolicy",
+    "register_policy",
+    "make_policy",
+    "list_policies",
+    "LRUPolicy",
+    "LFUPolicy",
+    "replay",
+]
 
 
 class EvictionPolicy(ABC):

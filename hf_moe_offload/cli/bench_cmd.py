@@ -40,8 +40,12 @@ def _csv(value: str) -> list[str]:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("bench", help="latency/throughput vs memory and accelerate, with ablations",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = sub.add_parser(
+        "bench",
+        help="latency/throughput vs memory and accelerate, with ablations",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("model", nargs="?", help="model folder (or give --synth)")
     g = p.add_argument_group("model")
     g.add_argument("--synth", help="random model with real per-layer shapes: mixtral-8x7b, qwen3-30b-a3b, olmoe-1b-7b")
@@ -56,14 +60,22 @@ def add_parser(sub) -> None:
     g.add_argument("--new-tokens", type=int, default=16, help="tokens generated per sequence (default 16)")
     g.add_argument("--budgets", default="25,50", help="expert budgets: percents of expert bytes or amounts (2GiB)")
     g.add_argument("--baselines", default="memory,accelerate", help="memory, accelerate (comma-separated) or none")
-    g.add_argument("--ablate", default="", help="features to switch off one at a time: prefetch, io_mode, "
-                   "io_threads, or FIELD=VALUE of OffloadConfig (e.g. policy=lfu)")  # fmt: skip
+    g.add_argument(
+        "--ablate",
+        default="",
+        help="features to switch off one at a time: prefetch, io_mode, "
+        "io_threads, or FIELD=VALUE of OffloadConfig (e.g. policy=lfu)",
+    )
     g = p.add_argument_group("how")
     g.add_argument("--cache", choices=("cold", "warm"), default="cold", help="page cache evicted every step, or not")
     g.add_argument("--ramlimit", action="store_true", help="run each worker in a memory cgroup of budget + overhead")
     g.add_argument("--overhead", default="768MiB", help="memory above the budget with --ramlimit (default 768MiB)")
-    g.add_argument("--safety-limit", default="80%", help="without --ramlimit, a memory cgroup per worker so a runaway "
-                   "baseline dies alone: an amount, a share of available RAM (default 80%%), or none")  # fmt: skip
+    g.add_argument(
+        "--safety-limit",
+        default="80%",
+        help="without --ramlimit, a memory cgroup per worker so a runaway "
+        "baseline dies alone: an amount, a share of available RAM (default 80%%), or none",
+    )
     g.add_argument("--reps", type=int, default=3, help="interleaved repetitions per configuration (default 3)")
     g.add_argument("--threads", type=int, default=1, help="torch threads per worker; 0 = torch's default (default 1)")
     g.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float16 or float32")
@@ -84,7 +96,9 @@ def _offload_overrides(args: argparse.Namespace, device: str) -> dict:
     values.pop("device", None)
     tier = "device_budget" if device.startswith("cuda") else "host_budget"
     if tier in values:
-        raise OffloadConfigError(f"bench: the {tier} of each configuration comes from --budgets; drop --{tier.replace('_', '-')}")  # fmt: skip
+        raise OffloadConfigError(
+            f"bench: the {tier} of each configuration comes from --budgets; drop --{tier.replace('_', '-')}"
+        )
     return values
 
 
@@ -100,8 +114,9 @@ def _resolve_model(args: argparse.Namespace) -> tuple[str, dict | None]:
     max_disk = parse_budget(args.max_disk, "--max-disk").nbytes
     if max_disk is None:
         raise OffloadConfigError(f"--max-disk: expected an amount such as 4GiB, got {args.max_disk!r}")
-    folder, info = synthesize_preset(args.synth, max_disk=max_disk, num_layers=args.synth_layers,
-                                     root=args.synth_dir, progress=not args.no_progress)  # fmt: skip
+    folder, info = synthesize_preset(
+        args.synth, max_disk=max_disk, num_layers=args.synth_layers, root=args.synth_dir, progress=not args.no_progress
+    )
     return str(folder), info
 
 
@@ -147,8 +162,15 @@ def _measure_limits(model_dir: str, dtype: str, device: str, nbytes: int):
     info = inspect_path(model_dir)
     if not info.get("supported"):
         raise OffloadConfigError(f"bench: {model_dir} is not supported: {info.get('reason')}")
-    return measure_profile(info["params"], info["dtype"] if dtype == "auto" else dtype, sample_file=model_dir,
-                           device=device, read_block=_BLOCK, read_bytes=nbytes, disk_samples=2)  # fmt: skip
+    return measure_profile(
+        info["params"],
+        info["dtype"] if dtype == "auto" else dtype,
+        sample_file=model_dir,
+        device=device,
+        read_block=_BLOCK,
+        read_bytes=nbytes,
+        disk_samples=2,
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -172,8 +194,9 @@ def main(args: argparse.Namespace) -> int:
     if "memory" in baselines and not _memory_fits(sizes, overhead):
         print(f"bench: the memory baseline is skipped: {format_bytes(sizes['total'])} does not fit in free RAM")
         baselines.remove("memory")
-    configs = make_configs(_csv(args.budgets), baselines=baselines, ablations=_csv(args.ablate), offload=overrides,
-                           device=device)  # fmt: skip
+    configs = make_configs(
+        _csv(args.budgets), baselines=baselines, ablations=_csv(args.ablate), offload=overrides, device=device
+    )
     points = make_points(_csv(args.scenario), [int(b) for b in _csv(args.batches)], args.prompt_len, args.new_tokens)
     if args.replay:
         points, notes = _replay_points(points, args.replay)
@@ -189,10 +212,25 @@ def main(args: argparse.Namespace) -> int:
     sample_bytes = parse_budget(args.bandwidth_bytes, "--bandwidth-bytes").nbytes
     limits = _measure_limits(model_dir, args.dtype, device, sample_bytes)
     print(f"limits: {limits.describe()}")
-    runs = run_scenarios(model_dir, configs, points, sizes, reps=args.reps, mode=mode, overhead_bytes=overhead,
-                         threads=args.threads or None, dtype=args.dtype, device=device, sample=args.sample,
-                         seed=args.seed, replay=args.replay, timeout=args.timeout, in_process=args.in_process,
-                         safety_bytes=safety, progress=not args.no_progress)  # fmt: skip
+    runs = run_scenarios(
+        model_dir,
+        configs,
+        points,
+        sizes,
+        reps=args.reps,
+        mode=mode,
+        overhead_bytes=overhead,
+        threads=args.threads or None,
+        dtype=args.dtype,
+        device=device,
+        sample=args.sample,
+        seed=args.seed,
+        replay=args.replay,
+        timeout=args.timeout,
+        in_process=args.in_process,
+        safety_bytes=safety,
+        progress=not args.no_progress,
+    )
     # The shared disk drifts: one more sample after the runs, and the fastest one is the denominator.
     limits.add_disk_sample(measure_read_bandwidth(model_dir, block=_BLOCK, max_bytes=sample_bytes)[0])
     results = summarise(runs, configs, points, limits, mode)
@@ -226,7 +264,7 @@ def main(args: argparse.Namespace) -> int:
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "python": platform.python_version(),
-        },  # fmt: skip
+        },
     }
     line = json.dumps(record)
     if args.json_out:

@@ -28,8 +28,12 @@ __all__ = ["add_parser", "main"]
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("plan", help="recommend batch size and budgets from a cost model", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = sub.add_parser(
+        "plan",
+        help="recommend batch size and budgets from a cost model",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("model", help="model folder (or a model id already in the Hugging Face cache)")
     p.add_argument("--memory", required=True, help="host memory the run may use, e.g. 8GiB")
     p.add_argument("--latency", type=float, help="longest acceptable decode step in seconds")
@@ -37,15 +41,24 @@ def add_parser(sub) -> None:
     p.add_argument("--save-profile", help="write the measured profile to this JSON file")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: plan for an accelerator")
     p.add_argument("--device-memory", help="accelerator memory for weights, KV and expert slots (default: free)")
-    p.add_argument("--context", type=int, default=DEFAULT_CONTEXT,
-                   help="tokens per sequence (prompt + generated) for the KV")  # fmt: skip
+    p.add_argument(
+        "--context", type=int, default=DEFAULT_CONTEXT, help="tokens per sequence (prompt + generated) for the KV"
+    )
     p.add_argument("--batches", default="1,2,4,8,16,32,64,128,256", help="comma-separated batch sizes to cost")
     p.add_argument("--dtype", default="auto", help="compute dtype: auto (the checkpoint's), bfloat16, float16...")
-    p.add_argument("--statistic", choices=("min", "median"), default="min",
-                   help="timings kept: min (what the hardware can do) or median (what it does under current load)")  # fmt: skip
+    p.add_argument(
+        "--statistic",
+        choices=("min", "median"),
+        default="min",
+        help="timings kept: min (what the hardware can do) or median (what it does under current load)",
+    )
     p.add_argument("--disk-bandwidth", help="cold read bandwidth to assume (e.g. 440MB) instead of measuring it")
-    p.add_argument("--read-from", choices=("disk", "page_cache"), default="disk",
-                   help="experts come from the disk (default) or from a page cache that holds the checkpoint")  # fmt: skip
+    p.add_argument(
+        "--read-from",
+        choices=("disk", "page_cache"),
+        default="disk",
+        help="experts come from the disk (default) or from a page cache that holds the checkpoint",
+    )
     p.add_argument("--hit-rate", type=float, help="a measured cache hit rate to use instead of the LRU model")
     p.add_argument("--trace", help="routing trace (.npz) for a measured distinct-experts-vs-batch curve")
     p.set_defaults(func=main)
@@ -89,12 +102,21 @@ def main(args: argparse.Namespace) -> int:
     if args.profile:
         profile = HardwareProfile.load(args.profile)
         if profile.expert_nbytes != shape.expert_nbytes:
-            print(f"plan: note: the profile was measured for experts of {format_bytes(profile.expert_nbytes)}, this "
-                  f"model's weigh {format_bytes(shape.expert_nbytes)}; compute times will be off", file=sys.stderr)  # fmt: skip
+            print(
+                f"plan: note: the profile was measured for experts of {format_bytes(profile.expert_nbytes)}, this "
+                f"model's weigh {format_bytes(shape.expert_nbytes)}; compute times will be off",
+                file=sys.stderr,
+            )
     else:
         disk = float(_bytes(args.disk_bandwidth, "--disk-bandwidth")) if args.disk_bandwidth else None
-        profile = measure_profile(info["params"], dtype, sample_file=_largest_file(info["path"]), device=args.device,
-                                  disk_read_Bps=disk, statistic=args.statistic)  # fmt: skip
+        profile = measure_profile(
+            info["params"],
+            dtype,
+            sample_file=_largest_file(info["path"]),
+            device=args.device,
+            disk_read_Bps=disk,
+            statistic=args.statistic,
+        )
     if args.save_profile:
         profile.save(args.save_profile)
 
@@ -110,18 +132,34 @@ def main(args: argparse.Namespace) -> int:
             device_memory = torch.cuda.mem_get_info(args.device)[0]
     curve = None
     if args.trace:  # mapped to this model's experts, and its layers cyclically, as `bench --replay` does
-        curve = distinct_from_trace(RoutingTrace.load(args.trace), batches, num_experts=shape.num_experts,
-                                    top_k=shape.top_k)  # fmt: skip
+        curve = distinct_from_trace(
+            RoutingTrace.load(args.trace), batches, num_experts=shape.num_experts, top_k=shape.top_k
+        )
         curve = {b: [v[i % len(v)] for i in range(shape.num_layers)] for b, v in curve.items()}
-    result = plan_for_model(profile, info, memory, model_config=config, dtype=dtype, context=args.context,
-                            device_memory_bytes=device_memory, latency_limit_s=args.latency, batch_candidates=batches,
-                            distinct_curve=curve, hit_rate=args.hit_rate, read_from=args.read_from)  # fmt: skip
+    result = plan_for_model(
+        profile,
+        info,
+        memory,
+        model_config=config,
+        dtype=dtype,
+        context=args.context,
+        device_memory_bytes=device_memory,
+        latency_limit_s=args.latency,
+        batch_candidates=batches,
+        distinct_curve=curve,
+        hit_rate=args.hit_rate,
+        read_from=args.read_from,
+    )
 
-    print(f"model {info['path']}: {shape.num_layers} MoE layers x {shape.num_experts} experts (top-{shape.top_k}) "
-          f"of {format_bytes(shape.expert_nbytes)}, dense {format_bytes(shape.other_nbytes)}, {dtype}")  # fmt: skip
-    print(f"profile: disk {profile.disk_read_Bps / 1e9:.2f} GB/s, memory {profile.cpu_mem_Bps / 1e9:.1f} GB/s, "
-          f"expert t(n) = {1e3 * profile.cpu_fit.a:.2f} ms + {1e3 * profile.cpu_fit.b:.3f} ms * n on CPU"
-          + (f", h2d {profile.h2d_Bps / 1e9:.1f} GB/s" if profile.h2d_Bps else ""))  # fmt: skip
+    print(
+        f"model {info['path']}: {shape.num_layers} MoE layers x {shape.num_experts} experts (top-{shape.top_k}) "
+        f"of {format_bytes(shape.expert_nbytes)}, dense {format_bytes(shape.other_nbytes)}, {dtype}"
+    )
+    print(
+        f"profile: disk {profile.disk_read_Bps / 1e9:.2f} GB/s, memory {profile.cpu_mem_Bps / 1e9:.1f} GB/s, "
+        f"expert t(n) = {1e3 * profile.cpu_fit.a:.2f} ms + {1e3 * profile.cpu_fit.b:.3f} ms * n on CPU"
+        + (f", h2d {profile.h2d_Bps / 1e9:.1f} GB/s" if profile.h2d_Bps else "")
+    )
     print(f"context {args.context} tokens: KV {format_bytes(seq_bytes)} per sequence")
     print(result)
     record = result.to_dict()

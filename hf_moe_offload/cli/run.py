@@ -59,8 +59,14 @@ def main(args: argparse.Namespace) -> int:
         kw = dict(do_sample=True, temperature=0.8, top_p=0.95) if args.sample else dict(do_sample=False)
         out = model.generate(**enc, max_new_tokens=args.max_new_tokens, streamer=streamer, **kw)
         new = out[0, enc.input_ids.shape[1] :]
-        results.append({"prompt": prompt, "text": tok.decode(new, skip_special_tokens=True), "new_tokens": len(new),
-                        "seconds": time.perf_counter() - t1})  # fmt: skip
+        results.append(
+            {
+                "prompt": prompt,
+                "text": tok.decode(new, skip_special_tokens=True),
+                "new_tokens": len(new),
+                "seconds": time.perf_counter() - t1,
+            }
+        )
     stats = {k: v for k, v in model.offload_stats().items() if k != "per_layer"}
     if not args.json:
         print("\noffload stats:", file=sys.stderr)

@@ -30,8 +30,12 @@ __all__ = ["add_parser", "main"]
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("trace", help="record and plot the I/O / compute timeline of one generation",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = sub.add_parser(
+        "trace",
+        help="record and plot the I/O / compute timeline of one generation",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("model", help="model folder (or a model id already in the Hugging Face cache)")
     p.add_argument("--prompt", help="prompt text (needs a tokenizer in the model folder)")
     p.add_argument("--prompt-file", help="prompts, one per line (a literal \\n stands for a newline)")
@@ -72,8 +76,10 @@ def _inputs(args, model):
 
             tok = AutoTokenizer.from_pretrained(model.offload_engine.folder, padding_side="left")
         except Exception as e:  # noqa: BLE001 - any failure means the folder has no usable tokenizer
-            raise SystemExit(f"trace: prompts need a tokenizer in the model folder ({type(e).__name__}); "
-                             f"use --prompt-len for a random prompt") from None  # fmt: skip
+            raise SystemExit(
+                f"trace: prompts need a tokenizer in the model folder ({type(e).__name__}); "
+                f"use --prompt-len for a random prompt"
+            ) from None
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         enc = tok([prompts[i % len(prompts)] for i in range(batch)], return_tensors="pt", padding=True)
@@ -110,8 +116,9 @@ def main(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         with recorder as rec, torch.inference_mode():
-            out = model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                                 do_sample=False, pad_token_id=pad)  # fmt: skip
+            out = model.generate(
+                ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=pad
+            )
     finally:
         timeline.enabled = False
     seconds = time.perf_counter() - start
@@ -124,9 +131,11 @@ def main(args: argparse.Namespace) -> int:
     name = os.path.basename(os.path.normpath(str(args.model)))
     bubble = metrics["bubble_fraction"]
     overlap = metrics["overlap"]
-    title = (f"{name}: {n} new tokens, host budget {cfg.host_budget}, prefetch {cfg.prefetch}, "
-             f"{cfg.io_threads} I/O threads | bubble fraction "
-             f"{'-' if bubble is None else f'{bubble:.1%}'}, I/O overlap {'-' if overlap is None else f'{overlap:.1%}'}")  # fmt: skip
+    title = (
+        f"{name}: {n} new tokens, host budget {cfg.host_budget}, prefetch {cfg.prefetch}, "
+        f"{cfg.io_threads} I/O threads | bubble fraction "
+        f"{'-' if bubble is None else f'{bubble:.1%}'}, I/O overlap {'-' if overlap is None else f'{overlap:.1%}'}"
+    )
     plot_timeline(events, png_path, title=title, max_steps=args.png_steps or None)
     trace_path = None
     if args.record_routing:
@@ -145,13 +154,25 @@ def main(args: argparse.Namespace) -> int:
         f"  bubble fraction  {pct(bubble)}  (stall {metrics['stall_s']:.3f} s / MoE layers {metrics['moe_layer_s']:.3f} s)"
     )
     print(f"  I/O overlap      {pct(overlap)}  (under expert compute only: {pct(metrics['overlap_expert_compute'])})")
-    print(f"  I/O              {metrics['io_loads']} loads, {format_bytes(metrics['io_bytes'])}, {metrics['io_s']:.3f} s "
-          f"on {metrics['io_threads']} thread(s), {metrics['io_speculative']} speculative")  # fmt: skip
-    print(f"  wrote {json_path} (open in https://ui.perfetto.dev) and {png_path}"
-          + (f"; routing trace {trace_path}" if trace_path else ""))  # fmt: skip
-    record = {"timeline_json": json_path, "timeline_png": png_path, "routing_trace": trace_path, **metrics,
-              "events": len(events), "prompt_tokens": int(ids.shape[1]), "new_tokens": len(new), "seconds": seconds,
-              "text": tok.decode(new, skip_special_tokens=True) if tok is not None else None,
-              "offload_stats": stats}  # fmt: skip
+    print(
+        f"  I/O              {metrics['io_loads']} loads, {format_bytes(metrics['io_bytes'])}, {metrics['io_s']:.3f} s "
+        f"on {metrics['io_threads']} thread(s), {metrics['io_speculative']} speculative"
+    )
+    print(
+        f"  wrote {json_path} (open in https://ui.perfetto.dev) and {png_path}"
+        + (f"; routing trace {trace_path}" if trace_path else "")
+    )
+    record = {
+        "timeline_json": json_path,
+        "timeline_png": png_path,
+        "routing_trace": trace_path,
+        **metrics,
+        "events": len(events),
+        "prompt_tokens": int(ids.shape[1]),
+        "new_tokens": len(new),
+        "seconds": seconds,
+        "text": tok.decode(new, skip_special_tokens=True) if tok is not None else None,
+        "offload_stats": stats,
+    }
     print(json.dumps(record))
     return 0

@@ -114,7 +114,9 @@ class OffloadEngine:
         for p in predictors:
             if isinstance(p, CorrelationPredictor) and self.plan.correlation_tables is not None:
                 p.tables = [t.copy() for t in self.plan.correlation_tables]
-        return Prefetcher(self.cache, predictors, num_experts, top_k, self.config.prefetch_depth, self.config.io_threads)
+        return Prefetcher(
+            self.cache, predictors, num_experts, top_k, self.config.prefetch_depth, self.config.io_threads
+        )
 
     # -- the expert loop ---------------------------------------------------------------------------------------------
     def run_layer(

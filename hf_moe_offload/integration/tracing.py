@@ -115,8 +115,11 @@ def record_routing(model: nn.Module, meta: dict | None = None):
     clock = _StepClock()
     handles = []
     nxt = {layer.layer: topo.layers[layer.layer + 1] for layer in topo.layers[:-1]}
-    lookahead = GateLookahead([layer.num_experts for layer in topo.layers], topo.max_top_k,
-                              routers={layer.layer: layer.router for layer in topo.layers if layer.router is not None})  # fmt: skip
+    lookahead = GateLookahead(
+        [layer.num_experts for layer in topo.layers],
+        topo.max_top_k,
+        routers={layer.layer: layer.router for layer in topo.layers if layer.router is not None},
+    )
 
     def make_hook(layer: int, read: Callable[[tuple, dict], Routing | None]):
         @torch.no_grad()

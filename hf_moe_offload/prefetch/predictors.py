@@ -187,7 +187,9 @@ def load_correlation_tables(path: str, num_experts: Sequence[int]) -> list[np.nd
         with np.load(path, allow_pickle=False) as z:
             tables = [np.asarray(z[f"arr_{i}"], dtype=np.float64) for i in range(len(z.files))]
     except Exception as e:  # noqa: BLE001 - any failure to read means the side file is unusable
-        raise CorruptCheckpointError(f"{path}: not a readable correlation table ({type(e).__name__}: {e}); {fix}") from None
+        raise CorruptCheckpointError(
+            f"{path}: not a readable correlation table ({type(e).__name__}: {e}); {fix}"
+        ) from None
     shapes = [t.shape for t in tables]
     if shapes != expected:
         raise CorruptCheckpointError(

@@ -94,8 +94,10 @@ class RoutingTrace:
         for rows in np.split(order, np.flatnonzero(np.diff(call)) + 1) if len(order) else []:
             if len(rows) % batch:
                 step, layer = int(self.step[rows[0]]), int(self.layer[rows[0]])
-                raise ValueError(f"sequences: step {step} of layer {layer} routed {len(rows)} tokens, not a "
-                                 f"multiple of the batch {batch}")  # fmt: skip
+                raise ValueError(
+                    f"sequences: step {step} of layer {layer} routed {len(rows)} tokens, not a "
+                    f"multiple of the batch {batch}"
+                )
             per, layer = len(rows) // batch, int(self.layer[rows[0]])
             seq[rows] = np.arange(len(rows)) // per
             pos[rows] = done[layer] + np.arange(len(rows)) % per
@@ -104,19 +106,34 @@ class RoutingTrace:
         for b in range(batch):
             sel = np.flatnonzero(seq == b)
             look = self.lookahead[sel] if self.lookahead is not None else None
-            out.append(RoutingTrace(self.num_layers, self.num_experts, self.top_k, pos[sel], self.layer[sel],
-                                    np.zeros(len(sel), np.int32), self.experts[sel], self.weights[sel],
-                                    {**self.meta, "batch": 1, "sequence": b}, look))  # fmt: skip
+            out.append(
+                RoutingTrace(
+                    self.num_layers,
+                    self.num_experts,
+                    self.top_k,
+                    pos[sel],
+                    self.layer[sel],
+                    np.zeros(len(sel), np.int32),
+                    self.experts[sel],
+                    self.weights[sel],
+                    {**self.meta, "batch": 1, "sequence": b},
+                    look,
+                )
+            )
         return out
 
     def save(self, path: str) -> None:
         np.savez_compressed(
             path,
-            step=self.step, layer=self.layer, token=self.token, experts=self.experts, weights=self.weights,
+            step=self.step,
+            layer=self.layer,
+            token=self.token,
+            experts=self.experts,
+            weights=self.weights,
             dims=np.array([self.num_layers, self.num_experts, self.top_k], np.int64),
             meta=np.array(repr(self.meta)),
             **({"lookahead": self.lookahead} if self.lookahead is not None else {}),
-        )  # fmt: skip
+        )
 
     @classmethod
     def load(cls, path: str) -> RoutingTrace:
@@ -125,8 +142,18 @@ class RoutingTrace:
         with np.load(path, allow_pickle=False) as z:
             n_layers, n_experts, k = (int(x) for x in z["dims"])
             look = z["lookahead"] if "lookahead" in z.files else None
-            return cls(n_layers, n_experts, k, z["step"], z["layer"], z["token"], z["experts"], z["weights"],
-                       ast.literal_eval(str(z["meta"])), look)  # fmt: skip
+            return cls(
+                n_layers,
+                n_experts,
+                k,
+                z["step"],
+                z["layer"],
+                z["token"],
+                z["experts"],
+                z["weights"],
+                ast.literal_eval(str(z["meta"])),
+                look,
+            )
 
     @classmethod
     def concat(cls, num_layers: int, num_experts: int, top_k: int, chunks: list[tuple], meta: dict) -> RoutingTrace:
@@ -145,8 +172,18 @@ class RoutingTrace:
             experts.append(np.asarray(e, np.int16))
             weights.append(np.asarray(w, np.float16))
         look = np.concatenate(looks) if looks and len(looks) == len(chunks) else None
-        return cls(num_layers, num_experts, top_k, np.concatenate(steps), np.concatenate(layers),
-                   np.concatenate(tokens), np.concatenate(experts), np.concatenate(weights), meta, look)  # fmt: skip
+        return cls(
+            num_layers,
+            num_experts,
+            top_k,
+            np.concatenate(steps),
+            np.concatenate(layers),
+            np.concatenate(tokens),
+            np.concatenate(experts),
+            np.concatenate(weights),
+            meta,
+            look,
+        )
 
 
 def simulate_cache(

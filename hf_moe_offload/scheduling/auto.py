@@ -94,8 +94,15 @@ def resolve_auto(
     seq_bytes = context * kv if seq_bytes is None else seq_bytes
     depth = cfg.prefetch_depth
     if profile is not None:
-        p = plan_for_model(profile, topology_summary, host, model_config=model_config, seq_bytes=seq_bytes,
-                           device_memory_bytes=device_mem, batch_candidates=(batch_size,))  # fmt: skip
+        p = plan_for_model(
+            profile,
+            topology_summary,
+            host,
+            model_config=model_config,
+            seq_bytes=seq_bytes,
+            device_memory_bytes=device_mem,
+            batch_candidates=(batch_size,),
+        )
         host_budget, device_budget = p.host_budget_bytes, p.device_budget_bytes
         layer_compute = max(sum(p.compute_s) / shape.num_layers, 1e-9)
         depth = min(max(1, math.ceil(shape.expert_nbytes / profile.disk_read_Bps / layer_compute)), max_depth)
@@ -109,9 +116,11 @@ def resolve_auto(
 
 
 def auto_profile(
-    topology_summary: dict[str, Any], sample_file: str | None, device: str | torch.device = "cpu",
+    topology_summary: dict[str, Any],
+    sample_file: str | None,
+    device: str | torch.device = "cpu",
     cache_dir: str | None = None,
-) -> HardwareProfile:  # fmt: skip
+) -> HardwareProfile:
     """The profile for this model shape, device and disk: loaded from `cache_dir` or measured and saved there."""
     hidden, inter = canonical_dims(topology_summary["params"])
     dtype = topology_summary.get("dtype", "bfloat16")

@@ -76,8 +76,11 @@ def shape_for_model(
         text = _get(model_config, "text_config") or model_config
         embedding = int((_get(text, "vocab_size") or 0) * (_get(text, "hidden_size") or 0) * itemsize)
         kv = kv_bytes_per_token(model_config, itemsize)
-    summary = dict(topology_summary, bytes_per_expert=int(topology_summary["bytes_per_expert"] * scale),
-                   other_bytes=int(topology_summary["other_bytes"] * scale))  # fmt: skip
+    summary = dict(
+        topology_summary,
+        bytes_per_expert=int(topology_summary["bytes_per_expert"] * scale),
+        other_bytes=int(topology_summary["other_bytes"] * scale),
+    )
     return ModelShape.from_summary(summary, embedding_nbytes=embedding), kv
 
 
@@ -122,7 +125,14 @@ def plan_for_model(
     """
     shape, kv = shape_for_model(topology_summary, model_config, dtype)
     return plan(
-        profile, shape, memory_bytes, latency_limit_s, batch_candidates,
-        seq_bytes=context * kv if seq_bytes is None else seq_bytes, device_memory_bytes=device_memory_bytes,
-        distinct_curve=distinct_curve, hit_rate=hit_rate, read_from=read_from,
-    )  # fmt: skip
+        profile,
+        shape,
+        memory_bytes,
+        latency_limit_s,
+        batch_candidates,
+        seq_bytes=context * kv if seq_bytes is None else seq_bytes,
+        device_memory_bytes=device_memory_bytes,
+        distinct_curve=distinct_curve,
+        hit_rate=hit_rate,
+        read_from=read_from,
+    )

@@ -35,9 +35,19 @@ from ..prefetch.trace import map_routing
 from .profile import HardwareProfile
 
 __all__ = [
-    "ModelShape", "StepCost", "Plan", "plan", "estimate_step", "lower_bound", "expert_slots", "place_expert",
-    "expected_distinct", "distinct_from_trace", "expected_lru_hit_rate", "DEFAULT_BATCHES",
-]  # fmt: skip
+    "ModelShape",
+    "StepCost",
+    "Plan",
+    "plan",
+    "estimate_step",
+    "lower_bound",
+    "expert_slots",
+    "place_expert",
+    "expected_distinct",
+    "distinct_from_trace",
+    "expected_lru_hit_rate",
+    "DEFAULT_BATCHES",
+]
 
 DEFAULT_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "float64": 8}
@@ -60,8 +70,14 @@ class ModelShape:
 
     @classmethod
     def from_summary(cls, summary: dict[str, Any], embedding_nbytes: int = 0) -> ModelShape:
-        return cls(int(summary["moe_layers"]), int(summary["experts_per_layer"]), int(summary["top_k"]),
-                   int(summary["bytes_per_expert"]), int(summary["other_bytes"]), embedding_nbytes)  # fmt: skip
+        return cls(
+            int(summary["moe_layers"]),
+            int(summary["experts_per_layer"]),
+            int(summary["top_k"]),
+            int(summary["bytes_per_expert"]),
+            int(summary["other_bytes"]),
+            embedding_nbytes,
+        )
 
 
 def expected_distinct(batch: float, num_experts: int, top_k: int) -> float:
@@ -196,10 +212,18 @@ def _dense_step_s(shape: ModelShape, profile: HardwareProfile, batch: int, seq_b
 
 
 def estimate_step(
-    profile: HardwareProfile, shape: ModelShape, batch: int, compute_slots: int, host_slots: int = 0, *,
-    distinct: list[float] | None = None, hit_rate: float | None = None, seq_bytes: int = 0,
-    read_Bps: float | None = None, on_device: bool | None = None,
-) -> StepCost:  # fmt: skip
+    profile: HardwareProfile,
+    shape: ModelShape,
+    batch: int,
+    compute_slots: int,
+    host_slots: int = 0,
+    *,
+    distinct: list[float] | None = None,
+    hit_rate: float | None = None,
+    seq_bytes: int = 0,
+    read_Bps: float | None = None,
+    on_device: bool | None = None,
+) -> StepCost:
     """Cost of one decode step of `batch` sequences (see the module docstring; feasibility is left to `plan`).
 
     Args:
@@ -245,17 +269,31 @@ def estimate_step(
         layers.append(lower_bound(t_proc, read_bytes, read_Bps, h2d_bytes, profile.h2d_Bps))
     step = sum(layers)
     return StepCost(
-        batch_size=batch, feasible=True, reason="", compute_slots=compute_slots, host_slots=host_slots, hit_rate=h,
-        placement=placement, distinct=distinct, transfer_s=transfer, compute_s=compute, step_s=step,
-        serial_step_s=serial, tokens_per_s=batch / step if step > 0 else math.inf,
+        batch_size=batch,
+        feasible=True,
+        reason="",
+        compute_slots=compute_slots,
+        host_slots=host_slots,
+        hit_rate=h,
+        placement=placement,
+        distinct=distinct,
+        transfer_s=transfer,
+        compute_s=compute,
+        step_s=step,
+        serial_step_s=serial,
+        tokens_per_s=batch / step if step > 0 else math.inf,
         bubble_fraction=1.0 - sum(compute) / step if step > 0 else 0.0,
-    )  # fmt: skip
+    )
 
 
 def expert_slots(
-    shape: ModelShape, batch: int, seq_bytes: int, memory_bytes: int, device_memory_bytes: int | None = None,
+    shape: ModelShape,
+    batch: int,
+    seq_bytes: int,
+    memory_bytes: int,
+    device_memory_bytes: int | None = None,
     reserve_bytes: int = 0,
-) -> tuple[int, int]:  # fmt: skip
+) -> tuple[int, int]:
     """`(host slots, device slots)`: the experts each tier holds once the run's other bytes are reserved.
 
     The tier that computes (the host without `device_memory_bytes`, else the accelerator) first keeps the dense
@@ -384,16 +422,28 @@ def plan(
     on_device = device_memory_bytes is not None and profile.has_device
     nbytes, candidates = shape.expert_nbytes, []
     for batch in sorted(set(int(b) for b in batch_candidates)):
-        host_slots, device_slots = expert_slots(shape, batch, seq_bytes, memory_budget_bytes,
-                                                device_memory_bytes if on_device else None, reserve_bytes)  # fmt: skip
+        host_slots, device_slots = expert_slots(
+            shape, batch, seq_bytes, memory_budget_bytes, device_memory_bytes if on_device else None, reserve_bytes
+        )
         compute_slots = device_slots if on_device else host_slots
         cost = estimate_step(
-            profile, shape, batch, compute_slots, host_slots if on_device else 0,
-            distinct=_distinct_at(distinct_curve, batch, shape), hit_rate=hit_rate, seq_bytes=seq_bytes,
-            read_Bps=read_Bps, on_device=on_device,
-        )  # fmt: skip
-        cost.memory = {"dense": shape.other_nbytes, "sequences": batch * seq_bytes, "host_slots": host_slots * nbytes,
-                       "device_slots": device_slots * nbytes}  # fmt: skip
+            profile,
+            shape,
+            batch,
+            compute_slots,
+            host_slots if on_device else 0,
+            distinct=_distinct_at(distinct_curve, batch, shape),
+            hit_rate=hit_rate,
+            seq_bytes=seq_bytes,
+            read_Bps=read_Bps,
+            on_device=on_device,
+        )
+        cost.memory = {
+            "dense": shape.other_nbytes,
+            "sequences": batch * seq_bytes,
+            "host_slots": host_slots * nbytes,
+            "device_slots": device_slots * nbytes,
+        }
         if compute_slots < shape.top_k:
             cost.feasible, cost.reason = False, f"memory: {compute_slots} slots < top_k {shape.top_k}"
         elif latency_limit_s is not None and cost.step_s > latency_limit_s:
@@ -413,12 +463,30 @@ def plan(
             break
         overlap = c.batch_size
     return Plan(
-        batch_size=best.batch_size, feasible=bool(feasible), reason="" if feasible else best.reason,
-        tokens_per_s=best.tokens_per_s, step_s=best.step_s, serial_step_s=best.serial_step_s,
-        bubble_fraction=best.bubble_fraction, hit_rate=best.hit_rate, placement=best.placement,
-        host_budget_bytes=best.memory["host_slots"], device_budget_bytes=best.memory["device_slots"],
-        transfer_s=best.transfer_s, compute_s=best.compute_s, min_overlap_batch=overlap, candidates=candidates,
-        inputs={"model": asdict(shape), "memory_budget_bytes": memory_budget_bytes, "latency_limit_s": latency_limit_s,
-                "seq_bytes": seq_bytes, "device_memory_bytes": device_memory_bytes, "read_from": read_from,
-                "read_Bps": read_Bps, "hit_rate": hit_rate, "measured_distinct": distinct_curve is not None},
-    )  # fmt: skip
+        batch_size=best.batch_size,
+        feasible=bool(feasible),
+        reason="" if feasible else best.reason,
+        tokens_per_s=best.tokens_per_s,
+        step_s=best.step_s,
+        serial_step_s=best.serial_step_s,
+        bubble_fraction=best.bubble_fraction,
+        hit_rate=best.hit_rate,
+        placement=best.placement,
+        host_budget_bytes=best.memory["host_slots"],
+        device_budget_bytes=best.memory["device_slots"],
+        transfer_s=best.transfer_s,
+        compute_s=best.compute_s,
+        min_overlap_batch=overlap,
+        candidates=candidates,
+        inputs={
+            "model": asdict(shape),
+            "memory_budget_bytes": memory_budget_bytes,
+            "latency_limit_s": latency_limit_s,
+            "seq_bytes": seq_bytes,
+            "device_memory_bytes": device_memory_bytes,
+            "read_from": read_from,
+            "read_Bps": read_Bps,
+            "hit_rate": hit_rate,
+            "measured_distinct": distinct_curve is not None,
+        },
+    )

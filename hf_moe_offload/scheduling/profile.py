@@ -42,9 +42,15 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "LinearFit", "HardwareProfile", "measure_profile", "measure_read_bandwidth", "measure_h2d_bandwidth",
-    "evict_page_cache", "list_files", "canonical_dims",
-]  # fmt: skip
+    "LinearFit",
+    "HardwareProfile",
+    "measure_profile",
+    "measure_read_bandwidth",
+    "measure_h2d_bandwidth",
+    "evict_page_cache",
+    "list_files",
+    "canonical_dims",
+]
 
 _VERSION = 1
 _TOKEN_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -238,9 +244,11 @@ def evict_page_cache(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> 
 
 
 def measure_read_bandwidth(
-    paths: str | os.PathLike | Iterable[str | os.PathLike], block: int = 16 * _MiB, max_bytes: int = 256 * _MiB,
+    paths: str | os.PathLike | Iterable[str | os.PathLike],
+    block: int = 16 * _MiB,
+    max_bytes: int = 256 * _MiB,
     seed: int | None = None,
-) -> tuple[float, float]:  # fmt: skip
+) -> tuple[float, float]:
     """`(cold, warm)` read bandwidth of files in bytes/s: `pread` of `block`-sized pieces into one reused buffer.
 
     The pieces sit at random block-aligned offsets of the files (an expert cache reads experts in no particular
@@ -323,14 +331,18 @@ def _time(fn, device: torch.device, repeats: int, statistic: str, budget_s: floa
     return min(times) if statistic == "min" else float(np.median(times))
 
 
-def _expert_fit(hidden: int, inter: int, dtype: torch.dtype, device: torch.device, counts, repeats: int,
-                statistic: str) -> LinearFit:  # fmt: skip
+def _expert_fit(
+    hidden: int, inter: int, dtype: torch.dtype, device: torch.device, counts, repeats: int, statistic: str
+) -> LinearFit:
     nbytes = 3 * hidden * inter * torch.empty((), dtype=dtype).element_size()
     copies = 1 if device.type == "cuda" else max(2, min(8, math.ceil(64 * _MiB / nbytes)))
     weights = [
-        (torch.randn(2 * inter, hidden, device=device).to(dtype) * 0.02, torch.randn(hidden, inter, device=device).to(dtype) * 0.02)
+        (
+            torch.randn(2 * inter, hidden, device=device).to(dtype) * 0.02,
+            torch.randn(hidden, inter, device=device).to(dtype) * 0.02,
+        )
         for _ in range(copies)
-    ]  # fmt: skip
+    ]
     points = []
     for n in counts:
         x, turn = torch.randn(n, hidden, device=device).to(dtype), itertools.count()
@@ -425,9 +437,14 @@ def measure_profile(
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     hidden, inter = canonical_dims(expert_shapes)
     expert_nbytes = 3 * hidden * inter * torch.empty((), dtype=dtype).element_size()
-    meta: dict[str, Any] = {"statistic": statistic, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-                            "torch": torch.__version__, "machine": platform.machine(),
-                            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
+    meta: dict[str, Any] = {
+        "statistic": statistic,
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
     if disk_samples < 1:
         raise ValueError(f"disk_samples: expected at least 1, got {disk_samples}")
     samples: list[float] = []
@@ -449,11 +466,17 @@ def measure_profile(
     cpu = torch.device("cpu")
     mem_bytes = max(64 * _MiB, min(256 * _MiB, 4 * expert_nbytes))
     profile = HardwareProfile(
-        expert_nbytes=expert_nbytes, hidden_size=hidden, intermediate_size=inter, dtype=str(dtype).replace("torch.", ""),
-        disk_read_Bps=float(disk_read_Bps), page_cache_read_Bps=page_cache_read_Bps, disk_samples_Bps=samples,
+        expert_nbytes=expert_nbytes,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        dtype=str(dtype).replace("torch.", ""),
+        disk_read_Bps=float(disk_read_Bps),
+        page_cache_read_Bps=page_cache_read_Bps,
+        disk_samples_Bps=samples,
         cpu_mem_Bps=_mem_bandwidth(cpu, mem_bytes, repeats, statistic),
-        cpu_fit=_expert_fit(hidden, inter, dtype, cpu, token_counts, repeats, statistic), meta=meta,
-    )  # fmt: skip
+        cpu_fit=_expert_fit(hidden, inter, dtype, cpu, token_counts, repeats, statistic),
+        meta=meta,
+    )
     dev = torch.device(device)
     if dev.type == "cuda":
         index = dev.index if dev.index is not None else torch.cuda.current_device()

@@ -59,8 +59,13 @@ class TokenSchedule:
         return [[items[i] for i in g] for g in self.groups]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"permutation": self.permutation, "groups": self.groups, "distinct_before": self.distinct_before,
-                "distinct_after": self.distinct_after, "reduction": self.reduction}  # fmt: skip
+        return {
+            "permutation": self.permutation,
+            "groups": self.groups,
+            "distinct_before": self.distinct_before,
+            "distinct_after": self.distinct_after,
+            "reduction": self.reduction,
+        }
 
 
 def _used(signatures) -> np.ndarray:
@@ -156,9 +161,11 @@ def group_sequences(signatures, group_size: int, *, refine: bool = True, max_pas
     groups = [sorted(g) for g in groups]
     groups.sort(key=lambda g: g[0])
     return TokenSchedule(
-        permutation=[i for g in groups for i in g], groups=groups,
-        distinct_before=distinct_per_group(used, chunks), distinct_after=distinct_per_group(used, groups),
-    )  # fmt: skip
+        permutation=[i for g in groups for i in g],
+        groups=groups,
+        distinct_before=distinct_per_group(used, chunks),
+        distinct_after=distinct_per_group(used, groups),
+    )
 
 
 def routing_signature(

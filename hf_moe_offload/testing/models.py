@@ -18,24 +18,54 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 __all__ = ["FAMILIES", "tiny_config", "tiny_mixtral_config", "build_tiny", "sharpen_routers"]
 
 _COMMON = dict(
-    vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
-)  # fmt: skip
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    tie_word_embeddings=False,
+)
 
 # model_type -> config overrides giving a tiny MoE.
 FAMILIES: dict[str, dict] = {
     "mixtral": dict(num_local_experts=8, num_experts_per_tok=2),
-    "qwen2_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48,
-                      shared_expert_intermediate_size=64, decoder_sparse_step=1, mlp_only_layers=[]),
-    "qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48, decoder_sparse_step=1,
-                      mlp_only_layers=[], head_dim=16),
+    "qwen2_moe": dict(
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=48,
+        shared_expert_intermediate_size=64,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+    ),
+    "qwen3_moe": dict(
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=48,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        head_dim=16,
+    ),
     "olmoe": dict(num_experts=8, num_experts_per_tok=2),
     "phimoe": dict(num_local_experts=8, num_experts_per_tok=2),
-    "deepseek_v3": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=48, n_shared_experts=1,
-                        first_k_dense_replace=1, n_group=2, topk_group=1, kv_lora_rank=16, q_lora_rank=32,
-                        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, num_hidden_layers=3,
-                        rope_interleave=True),
-}  # fmt: skip
+    "deepseek_v3": dict(
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=48,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        n_group=2,
+        topk_group=1,
+        kv_lora_rank=16,
+        q_lora_rank=32,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=16,
+        num_hidden_layers=3,
+        rope_interleave=True,
+    ),
+}
 
 # The checkpoint synthesizer's tests pin an expert wider than the hidden size (I = 128) and a 256-token vocabulary.
 _SYNTH_MIXTRAL = dict(intermediate_size=128, vocab_size=256, max_position_embeddings=512)
