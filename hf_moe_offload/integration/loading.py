@@ -6,6 +6,7 @@ from_pretrained with a module-registration hook: each experts module loses its e
     is built, so their checkpoint keys are "unexpected" and never read (and silenced in the load report)
 OffloadEngine(model, plan) + experts_implementation="hf_moe_offload" + model.offload_stats()
     + (models that generate) generate() wrapped with the step-boundary processor
+    + save_pretrained() that streams the experts into the saved checkpoint (saving.py)
 ```
 Every model class loads this way: the base model, `*ForCausalLM` and the task heads. The registration hook is
 installed only for the duration of one call, on this thread.
@@ -13,6 +14,7 @@ installed only for the duration of one call, on this thread.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import threading
@@ -26,6 +28,7 @@ from .engine import OffloadEngine
 from .experts_forward import IMPLEMENTATION_NAME
 from .generation import wrap_generate
 from .plan import LoadPlan, make_plan
+from .saving import save_offloaded
 
 __all__ = ["load_offloaded", "ignore_patterns"]
 
@@ -103,6 +106,7 @@ def load_offloaded(cls, original, path, model_args: tuple, kwargs: dict, offload
     _refuse_other_experts_implementation(model)
     if callable(getattr(model, "generate", None)):
         wrap_generate(model, engine)
+    model.save_pretrained = functools.partial(save_offloaded, model, engine, model.save_pretrained)
     model.offload_engine = engine
     model.offload_stats = engine.stats_dict
     model.reset_offload_stats = engine.reset_stats
