@@ -152,15 +152,19 @@ def test_outputs_unchanged_with_every_predictor(deep):
     assert set(s["prefetch_per_layer"]) <= {0, 1, 2, 3}
 
 
-def test_gate_lookahead_raises_the_hit_rate(deep):
+def test_gate_lookahead_cuts_demand_loads(deep):
+    """Prefetching means fewer loads that a forward must start itself (whether a prefetch lands before it is
+    needed, i.e. counts as a hit, depends on timing: that is measured by `bench`, not asserted here)."""
     _, folder = deep
     ids = torch.randint(3, 128, (1, 8), generator=torch.Generator().manual_seed(4))
-    rates = {}
+    stats = {}
     for pf in ("none", "gate_lookahead"):
         off = AutoModelForCausalLM.from_pretrained(folder, offload_config={"host_budget": "40%", "prefetch": pf})
         off.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False)
-        rates[pf] = off.offload_stats()["hit_rate"]
-    assert rates["gate_lookahead"] > rates["none"]
+        stats[pf] = off.offload_stats()
+    assert stats["none"]["demand_loads"] == stats["none"]["misses"]
+    assert stats["gate_lookahead"]["prefetch_used"] > 0
+    assert stats["gate_lookahead"]["demand_loads"] < stats["none"]["demand_loads"]
 
 
 def test_step_boundary_processor_and_user_processors(deep):

@@ -16,7 +16,7 @@ Two ways to compute with offloaded experts:
   hf_moe_offload registers its forward: the adapter only strips (`install_forward` is a no-op);
 * any other class gets an instance-level forward from `install_forward(module, run_experts)`: it turns the
   module's inputs into routing `(top_k_index, top_k_weights)` and calls the engine's `run_experts`, giving it the
-  family's per-expert math (`expert_forward`). `remove_forward` restores the class forward exactly.
+  family's per-expert math (`expert_forward`).
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ __all__ = [
 ]
 
 STRIPPED_ATTR = "_hf_moe_offload_stripped"
-_OLD_FORWARD_ATTR = "_hf_moe_offload_old_forward"
 
 # `expert_forward(weights, x, e)`: one expert on its tokens, `x (n, H) -> (n, H)`; `weights` maps each offloaded
 # name to that expert's slice (shape `ExpertParam.shape`, compute dtype, on the compute device).
@@ -162,21 +161,8 @@ class ExpertsAdapter(ABC):
 
     @staticmethod
     def set_forward(module: nn.Module, forward: Callable) -> None:
-        """Shadow the class forward of `module` by `forward` (an instance attribute), keeping the old one."""
-        if _OLD_FORWARD_ATTR not in module.__dict__:
-            module.__dict__[_OLD_FORWARD_ATTR] = module.__dict__.get("forward")
+        """Shadow the class forward of `module` by `forward` (an instance attribute)."""
         module.forward = forward
-
-    @staticmethod
-    def remove_forward(module: nn.Module) -> None:
-        """Undo `set_forward` exactly (the instance goes back to what it had: usually the class forward)."""
-        if _OLD_FORWARD_ATTR not in module.__dict__:
-            return
-        old = module.__dict__.pop(_OLD_FORWARD_ATTR)
-        if old is None:
-            module.__dict__.pop("forward", None)
-        else:
-            module.forward = old
 
 
 def _owner(module: nn.Module, name: str) -> tuple[nn.Module, str]:

@@ -247,6 +247,7 @@ class ExpertCache:
             e = self._reserve(self.compute, key)
             self._pin(self.compute, e, hit=False)
             self._loader.submit(e, 0)
+            self.stats.add("demand_loads")
         return Lease(self, e, hit=False)
 
     def prefetch(self, key: Key, priority: int = 1, evict: bool = True) -> bool:

@@ -16,6 +16,7 @@ _COUNTERS = (
     "bytes_h2d",  # bytes copied host -> device
     "loads",  # completed loads into the compute tier
     "load_errors",
+    "demand_loads",  # loads a forward had to start itself (the expert was neither resident nor being prefetched)
     "prefetch_issued",  # speculative loads queued
     "prefetch_used",  # speculative loads that a computation then used
     "prefetch_wasted",  # speculative loads dropped without being used (cancelled or evicted)
