@@ -15,7 +15,6 @@ installed only for the duration of one call, on this thread.
 from __future__ import annotations
 
 import functools
-import os
 import re
 import threading
 
@@ -89,7 +88,7 @@ def _refuse_other_experts_implementation(model: PreTrainedModel) -> None:
 
 def load_offloaded(cls, original, path, model_args: tuple, kwargs: dict, offload_config) -> PreTrainedModel:
     """Body of the patched `from_pretrained` when `offload_config` is given (see the module docstring)."""
-    plan = make_plan(cls, os.fspath(path) if isinstance(path, os.PathLike) else path, kwargs, offload_config)
+    plan = make_plan(cls, path, kwargs, offload_config)
     result = _load_without_experts(original, path, model_args, plan)
     model = result[0] if isinstance(result, tuple) else result
     for module in model.modules():  # an experts module built outside the hook's reach: strip it now
