@@ -151,3 +151,22 @@ def test_layout_knows_whether_keys_are_per_expert(mixtral_ckpt, request):
     per_expert = request.node.callspec.params["mixtral_ckpt"] == "per_expert"
     assert layout.per_expert_keys is per_expert
     assert len(keys) == (2 * 3 * 8 if per_expert else 2 * 2)  # layers x (w1, w2, w3) x experts | layers x fused
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_a_model_id_in_the_hf_cache_loads_offloaded(tmp_path, mixtral_model, shards):
+    """A hub id resolved offline through the local cache layout (refs/main -> snapshots/<sha>), sharded or not."""
+    from hf_moe_offload.testing import save_checkpoint
+
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--tiny-org--tiny-mixtral"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(sha)
+    save_checkpoint(mixtral_model, str(repo / "snapshots" / sha), "fused", shards=shards)
+    model = AutoModelForCausalLM.from_pretrained(
+        "tiny-org/tiny-mixtral", cache_dir=str(tmp_path / "hub"), offload_config={"host_budget": "30%"}
+    )
+    assert os.path.realpath(model.offload_engine.folder) == os.path.realpath(repo / "snapshots" / sha)
+    ids = torch.tensor([[5, 9, 17, 33]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, mixtral_model(ids).logits, rtol=1e-5, atol=1e-5)
