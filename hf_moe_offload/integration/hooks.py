@@ -1,7 +1,8 @@
 """Install and remove hf_moe_offload's hooks into transformers, exactly reversibly.
 
 `install()` (run on import) registers the offloaded experts forward in `ExpertsInterface` and in the FP8 experts
-registry, and wraps `PreTrainedModel.from_pretrained` so that it accepts `offload_config=`; the Auto classes and
+registry, and wraps `PreTrainedModel.from_pretrained` so that it accepts `offload_config=` (the first offloaded
+load also wraps the text-generation pipeline's `__call__`, see pipelines.py); the Auto classes and
 `pipeline(model_kwargs=...)` reach it through that method. `uninstall()` puts the original method back and removes
 the registrations (the experts forward stays registered while an offloaded model is alive).
 """
@@ -17,6 +18,7 @@ from transformers.integrations.moe import ExpertsInterface
 from .engine import live_engines
 from .experts_forward import IMPLEMENTATION_NAME, offloaded_experts_forward
 from .loading import load_offloaded
+from .pipelines import uninstall_pipeline_grouping
 
 __all__ = ["install", "uninstall", "is_installed"]
 
@@ -53,6 +55,7 @@ def uninstall() -> None:
     if is_installed():
         PreTrainedModel.from_pretrained = PreTrainedModel.__dict__[_ORIGINAL_ATTR]
         delattr(PreTrainedModel, _ORIGINAL_ATTR)
+    uninstall_pipeline_grouping()
     if not live_engines():
         for interface in _INTERFACES:
             interface._global_mapping.pop(IMPLEMENTATION_NAME, None)

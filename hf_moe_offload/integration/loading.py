@@ -26,6 +26,7 @@ from ..errors import UnsupportedFeatureError
 from .engine import OffloadEngine
 from .experts_forward import IMPLEMENTATION_NAME
 from .generation import wrap_generate
+from .pipelines import install_pipeline_grouping
 from .plan import LoadPlan, make_plan
 from .saving import save_offloaded
 
@@ -105,6 +106,7 @@ def load_offloaded(cls, original, path, model_args: tuple, kwargs: dict, offload
     _refuse_other_experts_implementation(model)
     if callable(getattr(model, "generate", None)):
         wrap_generate(model, engine)
+        install_pipeline_grouping()
     model.save_pretrained = functools.partial(save_offloaded, model, engine, model.save_pretrained)
     model.offload_engine = engine
     model.offload_stats = engine.stats_dict
