@@ -10,7 +10,10 @@ from .cache import list_policies, register_policy
 from .config import OffloadConfig
 from .errors import (
     BudgetTooSmallError,
+    CheckpointChangedError,
     CorruptCheckpointError,
+    ExpertLoadError,
+    ExpertLoadTimeoutError,
     MissingShardError,
     OffloadConfigError,
     OffloadError,
@@ -39,5 +42,8 @@ __all__ = [
     "UnknownNameError",
     "MissingShardError",
     "CorruptCheckpointError",
+    "CheckpointChangedError",
+    "ExpertLoadError",
+    "ExpertLoadTimeoutError",
     "__version__",
 ]

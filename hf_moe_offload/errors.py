@@ -19,6 +19,9 @@ __all__ = [
     "CorruptCheckpointError",
     "UnsupportedFeatureError",
     "OffloadStateError",
+    "CheckpointChangedError",
+    "ExpertLoadError",
+    "ExpertLoadTimeoutError",
 ]
 
 
@@ -67,3 +70,22 @@ class UnsupportedFeatureError(OffloadError, NotImplementedError):
 
 class OffloadStateError(OffloadError, RuntimeError):
     """An offloaded model was used in a state that cannot serve it (e.g. after its engine was closed)."""
+
+
+class CheckpointChangedError(OffloadError, RuntimeError):
+    """A checkpoint file the experts are read from was replaced, rewritten or truncated after the model was loaded.
+
+    Experts are read from the files on demand, so the files must stay as they were while the model is in use; the
+    message names the file and what changed. Load the model again to use the new files.
+    """
+
+
+class ExpertLoadError(OffloadError, OSError):
+    """Reading an expert from an unchanged checkpoint file failed (an I/O error, or fewer bytes than asked).
+
+    The expert's cache slot is freed, so a later request reads it again.
+    """
+
+
+class ExpertLoadTimeoutError(ExpertLoadError, TimeoutError):
+    """An expert was not loaded within the cache's `load_timeout` (a read that hangs, or no slot ever freed)."""

@@ -1,7 +1,8 @@
 """The shared expert cache: slot pools per tier, leases, eviction policies and statistics."""
 
-from .expert_cache import ExpertCache, Lease, SlotPool
+from .expert_cache import ExpertCache, Lease
 from .policies import EvictionPolicy, LFUPolicy, LRUPolicy, list_policies, make_policy, register_policy
+from .slots import SlotPool
 from .stats import OffloadStats
 from .timeline import Event, Timeline
 

@@ -17,6 +17,12 @@ next layer), nor one used during the last decode step (`keep_recent` layer calls
 than a step's working set, wrong predictions would otherwise evict experts the next step reuses, and the cache
 would thrash. A demand request for a queued speculative load promotes it; a wrong one is cancelled before it
 starts (`cancel_speculative`). Counters tell prefetches used from prefetches wasted.
+
+A load that fails (`ExpertLoadError`, `CheckpointChangedError` from the store) frees its slot and forgets the
+expert, so a later request reads it again; the error reaches every caller waiting on it. No caller waits longer
+than `load_timeout` for one expert: the loader's watchdog fails a load that is not done by then with
+`ExpertLoadTimeoutError`, forgets the expert and, since a blocked read cannot be interrupted, keeps its slot out of
+the pool until the read returns (then frees it), so no two reads ever share a slot.
 """
 
 from __future__ import annotations
@@ -27,66 +33,45 @@ from concurrent.futures import Future
 
 import torch
 
+from ..errors import ExpertLoadTimeoutError
 from ..storage import ExpertStore, slot_views
 from .loader import QUEUED, PriorityLoader
 from .policies import EvictionPolicy
+from .slots import SlotPool
 from .stats import OffloadStats
 from .timeline import Timeline
 
-__all__ = ["ExpertCache", "Lease", "SlotPool"]
+__all__ = ["ExpertCache", "Lease", "DEFAULT_LOAD_TIMEOUT"]
 
 Key = tuple[int, int]
 
-
-class SlotPool:
-    """`n_slots` flat uint8 buffers of `slot_nbytes` on `device`, allocated lazily."""
-
-    def __init__(self, name: str, n_slots: int, slot_nbytes: int, device: torch.device, pin_memory: bool = False):
-        self.name, self.n_slots, self.slot_nbytes = name, n_slots, slot_nbytes
-        self.device, self.pin_memory = device, pin_memory
-        self._buffers: list[torch.Tensor | None] = [None] * n_slots
-        self._free = list(range(n_slots - 1, -1, -1))
-        # CUDA: the event after the last kernel that read each slot; a copy into the slot waits on it
-        self.release_events: list = [None] * n_slots
-
-    def take(self) -> int | None:
-        return self._free.pop() if self._free else None
-
-    def give(self, idx: int) -> None:
-        self._free.append(idx)
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    def buffer(self, idx: int) -> torch.Tensor:
-        buf = self._buffers[idx]
-        if buf is None:
-            buf = torch.empty(self.slot_nbytes, dtype=torch.uint8, device=self.device, pin_memory=self.pin_memory)
-            self._buffers[idx] = buf
-        return buf
-
-    def free_buffers(self) -> None:
-        """Release every slot's memory (after `ExpertCache.close`: no expert may be in use)."""
-        self._buffers = [None] * self.n_slots
-        self.release_events = [None] * self.n_slots
-        self._free = list(range(self.n_slots - 1, -1, -1))
-
-    @property
-    def allocated_bytes(self) -> int:
-        return sum(b.numel() for b in self._buffers if b is not None)
+DEFAULT_LOAD_TIMEOUT = 600.0  # seconds; reading one expert takes milliseconds, a stalled disk or mount forever
 
 
 class _Entry:
-    __slots__ = ("key", "slot", "pins", "future", "event", "speculative", "used", "job_state", "priority", "last_used")
+    __slots__ = (
+        "key",
+        "slot",
+        "pins",
+        "future",
+        "event",
+        "speculative",
+        "used",
+        "job_state",
+        "priority",
+        "deadline",
+        "last_used",
+        "abandoned",
+    )
 
     def __init__(self, key: Key, slot: int, speculative: bool = False):
         self.key, self.slot, self.pins = key, slot, 0
         self.future: Future = Future()
         self.event = None
         self.speculative, self.used = speculative, False
-        self.job_state, self.priority = None, 0
+        self.job_state, self.priority, self.deadline = None, 0, None
         self.last_used = 0
+        self.abandoned = False  # timed out while its read ran: the slot is freed when the read returns
 
 
 class _Tier:
@@ -160,6 +145,8 @@ class ExpertCache:
         policy_factory: makes one eviction policy per tier.
         io_threads: loader threads.
         stats: counters to update.
+        load_timeout: seconds a caller waits for one expert (its read, or a free slot) before
+            `ExpertLoadTimeoutError`; None waits forever. Settable later as `cache.load_timeout`.
     """
 
     def __init__(
@@ -172,6 +159,7 @@ class ExpertCache:
         policy_factory,
         io_threads: int,
         stats: OffloadStats,
+        load_timeout: float | None = DEFAULT_LOAD_TIMEOUT,
     ):
         self.store, self.layout, self.device, self.stats = store, store.layout, device, stats
         self._lock = threading.Condition()
@@ -187,7 +175,8 @@ class ExpertCache:
         self.timeline = Timeline()
         self._tick = 0  # MoE layer calls so far (`advance_tick`); ages experts for speculative eviction
         self._recent_window = 0  # speculative loads never evict experts used within this many layer calls
-        self._loader = PriorityLoader(io_threads, self._load)
+        self._loader = PriorityLoader(io_threads, self._load, on_timeout=self._timed_out)
+        self.load_timeout = load_timeout
         self._protected: frozenset = frozenset()
         self._closed = False
 
@@ -200,6 +189,18 @@ class ExpertCache:
     def resident(self) -> set[Key]:
         with self._lock:
             return {k for k, e in self.compute.entries.items() if e.future.done() and e.future.exception() is None}
+
+    @property
+    def load_timeout(self) -> float | None:
+        """Seconds a caller waits for one expert before `ExpertLoadTimeoutError` (None: no bound); a new value
+        applies to loads requested after it is set."""
+        return self._loader.timeout
+
+    @load_timeout.setter
+    def load_timeout(self, seconds: float | None) -> None:
+        if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds <= 0):
+            raise ValueError(f"load_timeout: expected a positive number of seconds or None, got {seconds!r}")
+        self._loader.timeout = None if seconds is None else float(seconds)
 
     def memory(self) -> dict[str, int]:
         out = {"host_slots": self.host.pool.n_slots, "host_allocated_bytes": self.host.pool.allocated_bytes}
@@ -245,6 +246,8 @@ class ExpertCache:
             if not self.compute.can_reserve():
                 return None
             e = self._reserve(self.compute, key)
+            if e is None:
+                return None
             self._pin(self.compute, e, hit=False)
             self._loader.submit(e, 0)
             self.stats.add("demand_loads")
@@ -291,20 +294,23 @@ class ExpertCache:
                         n += 1
         return n
 
-    def acquire(self, key: Key, timeout: float = 600.0) -> Lease:
-        """Like `try_acquire` but waits for a slot to be released (by another thread)."""
-        deadline = time.monotonic() + timeout
+    def acquire(self, key: Key, timeout: float | None = None) -> Lease:
+        """Like `try_acquire` but waits for a slot to be released (by another thread), at most `timeout` seconds
+        (default: `load_timeout`), then raises `ExpertLoadTimeoutError`."""
+        timeout = self.load_timeout if timeout is None else timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             lease = self.try_acquire(key)
             if lease is not None:
                 return lease
             with self._lock:
                 if not self.compute.can_reserve() and not self._lock.wait(
-                    timeout=max(0.0, deadline - time.monotonic())
+                    timeout=None if deadline is None else max(0.0, deadline - time.monotonic())
                 ):
-                    raise RuntimeError(
-                        f"hf_moe_offload: no cache slot freed within {timeout:.0f}s; every one of the "
-                        f"{self.capacity} slots is in use. Raise the budget or lower the concurrency."
+                    raise ExpertLoadTimeoutError(
+                        f"no cache slot freed within {timeout:g}s for expert {key[1]} of MoE layer {key[0]}: every "
+                        f"one of the {self.capacity} slots is in use or held by a read that has not returned. Raise "
+                        f"the budget or lower the concurrency, or check the disk if reads hang"
                     )
 
     # -- internals (call with the lock held unless noted) ----------------------------------------------------------
@@ -332,7 +338,8 @@ class ExpertCache:
             e.future.cancel()
         tier.pool.give(e.slot)
 
-    def _reserve(self, tier: _Tier, key: Key, speculative: bool = False) -> _Entry:
+    def _reserve(self, tier: _Tier, key: Key, speculative: bool = False) -> _Entry | None:
+        """A new entry for `key` in a free or freed slot; None when the only candidates all started meanwhile."""
         slot = tier.pool.take()
         if slot is None:
             candidates = tier.evictable(self._protected) or tier.evictable()
@@ -340,8 +347,10 @@ class ExpertCache:
                 old = tier.entries[tier.policy.choose_victim(candidates)]
                 self.stats.add("evictions")
             else:  # a demand load takes the slot of a speculative load that has not started
-                old = tier.cancellable()[0]
-                self._loader.cancel(old)
+                # `cancel` decides under the loader's lock: a load a worker started meanwhile keeps its slot
+                old = next((c for c in tier.cancellable() if self._loader.cancel(c)), None)
+                if old is None:
+                    return None
                 self.stats.add("prefetch_cancelled")
             self._discard(tier, old)
             slot = tier.pool.take()
@@ -362,6 +371,7 @@ class ExpertCache:
         """Runs on an I/O thread: fill the compute-tier slot of `e` (not holding the lock)."""
         t0 = time.perf_counter()
         layer, expert = e.key
+        error = None
         try:
             if self.compute is self.host:
                 n = self.store.read_into(layer, expert, self.host.pool.buffer(e.slot))
@@ -381,14 +391,48 @@ class ExpertCache:
                 self._load_to_device(e)
             self.stats.add("loads")
             self.stats.load_time(time.perf_counter() - t0)
-            if not e.future.set_running_or_notify_cancel():
-                return
-            e.future.set_result(None)
         except BaseException as exc:  # noqa: BLE001 - handed to the waiting compute thread
-            self.stats.add("load_errors")
-            self._drop(self.compute, e)
+            error = exc
+        with self._lock:  # the watchdog (`_timed_out`) decides under this lock too
+            if e.abandoned:  # its waiters were failed already; the slot is safe to reuse now the read returned
+                if not self._closed:
+                    self.compute.pool.give(e.slot)
+                self._lock.notify_all()
+                return
+            if error is not None:
+                self.stats.add("load_errors")
+                self._drop(self.compute, e)
             if e.future.set_running_or_notify_cancel():
-                e.future.set_exception(exc)
+                if error is None:
+                    e.future.set_result(None)
+                else:
+                    e.future.set_exception(error)
+
+    def _timed_out(self, e: _Entry, running: bool) -> None:
+        """The loader's watchdog: `e` was not loaded within `load_timeout`. Fail its waiters and forget the expert
+        (a later request reads it again); a slot whose read still runs is freed by `_load` when the read returns."""
+        with self._lock:
+            if self._closed or e.future.done() or self.compute.entries.get(e.key) is not e:
+                return  # finished, failed or discarded meanwhile
+            del self.compute.entries[e.key]
+            self.compute.policy.on_remove(e.key)
+            if running:
+                e.abandoned = True
+            else:  # cancelled by the watchdog while queued: no worker will touch the slot
+                self.compute.pool.give(e.slot)
+            self.stats.add("load_errors")
+            layer, expert = e.key
+            what = "its read has not returned" if running else "it is still queued behind other reads"
+            if e.future.set_running_or_notify_cancel():
+                e.future.set_exception(
+                    ExpertLoadTimeoutError(
+                        f"expert {expert} of MoE layer {layer} was not loaded within load_timeout="
+                        f"{self.load_timeout:g}s ({what}): the disk or file system may be stalled. A later request "
+                        f"reads the expert again; raise `model.offload_engine.cache.load_timeout` if reads are "
+                        f"merely slow"
+                    )
+                )
+            self._lock.notify_all()
 
     def _load_to_device(self, e: _Entry) -> None:
         layer, expert = e.key
@@ -397,7 +441,8 @@ class ExpertCache:
             if self.host.pool.n_slots:
                 host_entry = self.host.entries.get(e.key)
                 if host_entry is None and self.host.can_reserve():
-                    host_entry, owner = self._reserve(self.host, e.key), True
+                    host_entry = self._reserve(self.host, e.key)
+                    owner = host_entry is not None
                 if host_entry is not None:
                     self._pin(self.host, host_entry, hit=False)
         try:

@@ -162,6 +162,9 @@ class OffloadEngine:
         return path
 
     def begin_request(self) -> None:
+        """A `generate` call starts: check that the checkpoint files are unchanged (one `stat` each), so a replaced,
+        rewritten or truncated file raises `CheckpointChangedError` before any token is computed from it."""
+        self.store.check_files()
         if self.prefetcher is not None:
             self.prefetcher.begin_request()
 

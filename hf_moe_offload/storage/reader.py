@@ -8,21 +8,30 @@ through a small per-thread bounce buffer) and never fills the page cache; `"cach
 thread-safe: file descriptors are shared, scratch buffers are per thread. A quantized piece (FP8, MXFP4) is read
 with its scales and dequantized into the slot (quantized.py). A weight whose rows the checkpoint interleaves is
 reordered in the slot once all its pieces are in (one in-memory copy of that weight).
+
+The files must not change while a model reads from them. The store records each file's identity (size, mtime_ns,
+inode) when it is built and holds the files to it: a file opened later (files are opened lazily, then kept open)
+must be the one recorded, each read is followed by an `fstat` of its descriptor (a write in place changes the
+mtime, a truncation the size), a failed or short read re-checks every path, and `check_files` (called at the start
+of each `generate`) stats every path, which is what catches a file replaced by rename: the old inode stays open and
+readable, so only the path shows the change. A change raises `CheckpointChangedError`; an I/O error on an unchanged
+file raises `ExpertLoadError`.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from ..errors import OffloadConfigError
+from ..errors import CheckpointChangedError, ExpertLoadError, MissingShardError, OffloadConfigError, OffloadStateError
 from .layout import ExpertLayout, Piece
 from .quantized import dequantize
 
-__all__ = ["ExpertStore", "slot_views"]
+__all__ = ["ExpertStore", "FileIdentity", "slot_views"]
 
 _ALIGN = 4096
 _DIRECT_CHUNK = 8 * 2**20
@@ -34,6 +43,42 @@ def slot_views(slot: torch.Tensor, layout: ExpertLayout, layer: int) -> dict[str
     for p, off in zip(layout.layer_params[layer], layout.layer_offsets[layer]):
         out[p.name] = slot[off : off + p.nbytes].view(p.dtype).view(p.shape)
     return out
+
+
+class FileIdentity(NamedTuple):
+    """What `os.stat` says of a checkpoint file; when any of it changes, its bytes may have changed."""
+
+    size: int
+    mtime_ns: int
+    inode: int
+    device: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> FileIdentity:
+        return cls(st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
+
+    def change_to(self, now: FileIdentity | None, same_inode: bool = False) -> str | None:
+        """How `now` differs from this identity, in words (None: unchanged). `same_inode`: compare an open
+        descriptor's `fstat`, whose inode is the one opened, so only size and mtime can differ."""
+        if now is None:
+            return "was deleted"
+        if not same_inode and (now.inode, now.device) != (self.inode, self.device):
+            return f"was replaced by another file (inode {self.inode} -> {now.inode})"
+        if now.size < self.size:
+            return f"was truncated from {self.size} to {now.size} bytes"
+        if now.size != self.size:
+            return f"changed size from {self.size} to {now.size} bytes"
+        if now.mtime_ns != self.mtime_ns:
+            return f"was modified in place (mtime_ns {self.mtime_ns} -> {now.mtime_ns})"
+        return None
+
+
+def _changed_error(path: str, what: str) -> CheckpointChangedError:
+    return CheckpointChangedError(
+        f"checkpoint file {path} {what} since the model was loaded. Experts are read from this file on demand, so "
+        f"it must stay unchanged while the model is in use; load the model again (from_pretrained) to use the "
+        f"file as it is now"
+    )
 
 
 def _readinto(fd: int, buf: memoryview, offset: int) -> int:
@@ -61,9 +106,19 @@ class ExpertStore:
         self._lock = threading.Lock()
         self._local = threading.local()
         self._closed = False
+        self._identity: dict[str, FileIdentity] = {}
+        for path in layout.files:
+            try:
+                self._identity[path] = FileIdentity.of(os.stat(path))
+            except FileNotFoundError:
+                raise MissingShardError(f"checkpoint file {path} does not exist (it was there when planned)") from None
         if io_mode == "direct":
-            for path in layout.files:  # fail now, with a clear message, rather than in an I/O thread
-                self._fd(path)
+            try:
+                for path in layout.files:  # fail now, with a clear message, rather than in an I/O thread
+                    self._fd(path)
+            except BaseException:
+                self.close()
+                raise
 
     def _fd(self, path: str) -> int:
         fd = self._fds.get(path)
@@ -76,17 +131,51 @@ class ExpertStore:
                     flags |= getattr(os, "O_DIRECT", 0)
                 try:
                     fd = os.open(path, flags)
-                    if self.io_mode == "fadvise":  # no readahead: it would cache neighbouring experts we then hold
-                        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-                    self._fds[path] = fd
                 except OSError as e:
+                    self.check_files()
                     if self.io_mode == "direct":
                         raise OffloadConfigError(
                             f"io_mode='direct': cannot open {path} with O_DIRECT ({e}); this file system may not "
                             f"support it; use io_mode='fadvise'"
                         ) from None
-                    raise
+                    raise ExpertLoadError(f"cannot open checkpoint file {path}: {e}") from e
+                what = self._identity[path].change_to(FileIdentity.of(os.fstat(fd)))
+                if what is not None:  # opened lazily: the path may already name another file
+                    os.close(fd)
+                    raise _changed_error(path, what)
+                if self.io_mode == "fadvise":  # no readahead: it would cache neighbouring experts we then hold
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+                self._fds[path] = fd
             return self._fds[path]
+
+    def check_files(self) -> None:
+        """Stat every checkpoint file the experts are read from (one `os.stat` each) against what was recorded when
+        the store was built.
+
+        Raises:
+            CheckpointChangedError: a file was deleted, replaced (another inode at the path), truncated, resized or
+                modified in place (another mtime); the message names the file and the change.
+        """
+        for path, was in self._identity.items():
+            try:
+                now = FileIdentity.of(os.stat(path))
+            except FileNotFoundError:
+                now = None
+            what = was.change_to(now)
+            if what is not None:
+                raise _changed_error(path, what)
+
+    def _check_fd(self, path: str, fd: int) -> None:
+        """After a read: the open file was not truncated or written since the store was built."""
+        what = self._identity[path].change_to(FileIdentity.of(os.fstat(fd)), same_inode=True)
+        if what is not None:
+            raise _changed_error(path, what)
+
+    def _failed(self, path: str, fd: int, message: str) -> ExpertLoadError:
+        """A read failed or came back short: a changed file raises `CheckpointChangedError`, else the I/O error."""
+        self._check_fd(path, fd)
+        self.check_files()
+        return ExpertLoadError(message)
 
     def _scratch(self, nbytes: int) -> np.ndarray:
         """Per-thread byte buffer aligned to 4096 (for O_DIRECT and dtype conversion)."""
@@ -109,28 +198,49 @@ class ExpertStore:
                 a = pos - pos % _ALIGN
                 b = min(-(-end // _ALIGN) * _ALIGN, a + _DIRECT_CHUNK)
                 scratch = self._scratch(_DIRECT_CHUNK)
-                got = _readinto(fd, memoryview(scratch[: b - a]), a)
                 take = min(b, end) - pos
-                if got < pos - a + take:
-                    raise OSError(f"short read from {file} at byte {pos}: file changed or truncated")
+                self._pread(file, fd, memoryview(scratch[: b - a]), a, pos - a + take)
                 dst[out : out + take] = scratch[pos - a : pos - a + take]
                 out += take
                 pos += take
-            return
-        got = _readinto(fd, memoryview(dst), offset)
-        if got != nbytes:
-            raise OSError(f"short read from {file} at byte {offset}: file changed or truncated")
-        if self.io_mode == "fadvise":
-            os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
+        else:
+            self._pread(file, fd, memoryview(dst), offset, nbytes)
+            if self.io_mode == "fadvise":
+                os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
+        self._check_fd(file, fd)
+
+    def _pread(self, file: str, fd: int, buf: memoryview, offset: int, need: int) -> None:
+        """Read into `buf` at `offset`; fewer than `need` bytes, or an OS error, is a failed read."""
+        try:
+            got = _readinto(fd, buf, offset)
+        except OSError as e:
+            raise self._failed(file, fd, f"reading {len(buf)} bytes at offset {offset} of {file} failed: {e}") from e
+        if got < need:
+            raise self._failed(
+                file,
+                fd,
+                f"short read of {file}: {got} of {need} bytes at offset {offset}, although the file's size, inode "
+                f"and mtime are as when the model was loaded (a failing disk or network file system?)",
+            )
 
     def read_into(self, layer: int, expert: int, slot: torch.Tensor) -> int:
         """Fill `slot` (flat uint8 CPU tensor of at least `layout.slot_nbytes`) with expert `(layer, expert)`.
 
         Returns:
             The number of bytes read from the files.
+
+        Raises:
+            CheckpointChangedError: a file was replaced, rewritten or truncated since the store was built.
+            ExpertLoadError: an I/O error or a short read of an unchanged file.
         """
         if self._closed:
-            raise RuntimeError("ExpertStore is closed")
+            raise OffloadStateError("ExpertStore is closed")
+        try:
+            return self._read_expert(layer, expert, slot)
+        except ExpertLoadError as e:
+            raise ExpertLoadError(f"cannot load expert {expert} of MoE layer {layer}: {e}") from e.__cause__
+
+    def _read_expert(self, layer: int, expert: int, slot: torch.Tensor) -> int:
         slot_np = slot.numpy()
         params = self.layout.layer_params[layer]
         interleave = self.layout.layer_interleave.get(layer) or (None,) * len(params)
