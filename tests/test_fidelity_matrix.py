@@ -16,6 +16,8 @@ import pytest
 from hf_moe_offload.adapters.discovery import UNDECORATED, decorated_experts_classes, discover_moe_families
 from hf_moe_offload.testing import LAYOUTS, XFAIL, matrix_types, reference, run_case, xfail_reason
 
+pytestmark = pytest.mark.slow  # over 5 s on a 2-core CPU; still part of the default run
+
 _TYPES = matrix_types()
 
 

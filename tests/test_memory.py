@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # over 5 s on a 2-core CPU; still part of the default run
+
 PROBE = os.path.join(os.path.dirname(__file__), "_memory_probe.py")
 MiB = 2**20
 

@@ -74,8 +74,9 @@ def test_switch_off_and_pass_through(pipes, monkeypatch):
 
 
 def test_uninstall_restores_the_pipeline():
-    import hf_moe_offload
     from transformers.pipelines.text_generation import TextGenerationPipeline
+
+    import hf_moe_offload
 
     wrapped = TextGenerationPipeline.__call__
     hf_moe_offload.uninstall()

@@ -300,6 +300,7 @@ class _Probe(LogitsProcessor):
         return scores
 
 
+@pytest.mark.slow
 def test_soak_1000_decode_steps_within_budget(mixtral_dir, mixtral_model):
     model = _load(mixtral_dir, host_budget="20%", prefetch="gate_lookahead")
     engine = model.offload_engine

@@ -6,8 +6,11 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+pytestmark = pytest.mark.slow  # over 5 s on a 2-core CPU; still part of the default run
 
 MODEL = os.path.join(os.path.dirname(__file__), "..", "models", "moe-tiny")
 
