@@ -16,7 +16,7 @@ one from data that ships with Python packages, on CPU, in about 15-20 minutes on
    holds ``batch_size // 2`` windows from each domain, drawn with a seeded generator.
 4. Output: bf16 safetensors, tokenizer, ``generation_config.json``, ``build_info.json`` (seed, steps, tokens,
    losses, timings, versions) and ``heldout_samples.json`` (held-out token windows of both domains, used by
-   ``scripts/routing_check.py`` and ``tests/test_shipped_model.py``). The result is reloaded offline and
+   ``scripts/routing_check.py`` and ``tests/models/test_shipped_model.py``). The result is reloaded offline and
    greedy generations from a speech-like and a code-like prompt are printed and recorded.
 
 Rebuild with::

@@ -67,14 +67,14 @@ def run_matrix(types: list[str], verbose: bool = True) -> dict[str, dict[str, st
     return out
 
 
-# Hand-written: pre-quantized checkpoints (tests/test_quantized.py), appended after the generated table.
+# Hand-written: pre-quantized checkpoints (tests/storage/test_quantized.py), appended after the generated table.
 QUANTIZED = """
 ## Pre-quantized checkpoints
 
 A checkpoint whose `config.json` carries a `quantization_config` loads with `offload_config=` when its method is
 one of these; the expert bytes are read per expert with their scales and dequantized into the cache slot in the
 compute dtype (the other weights load as transformers loads them on the machine). Any other method raises
-`UnsupportedQuantizationError` before a weight is read. `tests/test_quantized.py` checks both against the normal
+`UnsupportedQuantizationError` before a weight is read. `tests/storage/test_quantized.py` checks both against the normal
 load of the same checkpoint (identical logits and greedy tokens).
 
 | quant_method | checkpoint keys per expert weight | checked on | notes |
@@ -95,7 +95,7 @@ def render(results: dict[str, dict[str, str]]) -> str:
         "dict), loads with `offload_config=` and gives the normal model's logits (fp32, atol 1e-4) and the same 6 "
         "greedy tokens (seq2seq: teacher-forced decoder logits and greedy generate), with a cache small enough that "
         "experts miss and are evicted "
-        "(`tests/test_fidelity_matrix.py` checks the same cases).",
+        "(`tests/adapters/test_fidelity_matrix.py` checks the same cases).",
         "",
         "| model type | experts class | adapter | Auto class checked | status | why not |",
         "|---|---|---|---|---|---|",

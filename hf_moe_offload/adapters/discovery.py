@@ -9,7 +9,7 @@ configuration_<dir>.py --config class has an experts field?  or the type has an 
 ```
 Discovery reads source files as text and imports no model module, so listing ~550 model folders costs a fraction
 of a second; it is a map of what transformers ships, not a promise that we offload it. Whether a type is actually
-offloaded exactly is proven by the fidelity matrix (tests/test_fidelity_matrix.py) and recorded in docs/models.md.
+offloaded exactly is proven by the fidelity matrix (tests/adapters/test_fidelity_matrix.py) and recorded in docs/models.md.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class MoEFamily:
 
 
 # Undecorated MoE experts classes (model folder -> class, note): data, checked against the installed transformers
-# by tests/test_fidelity_matrix.py (a renamed class, or a family decorated upstream, fails that test).
+# by tests/adapters/test_fidelity_matrix.py (a renamed class, or a family decorated upstream, fails that test).
 UNDECORATED: dict[str, tuple[str, str]] = {
     "dbrx": ("DbrxExperts", "2-D w1/v1/w2 [E*I, H] on DbrxExpertGLU; per-expert row blocks"),
     "llama4": ("Llama4TextExperts", "computes every expert densely on score-scaled inputs (sigmoid router)"),

@@ -134,7 +134,7 @@ def expected_lru_hit_rate(capacity: int, num_layers: int, num_experts: int, dist
     set `L * distinct` exceeds the cache (LRU on a cyclic scan).
 
     A model, not a measurement: the hit rate the cache's own LRU policy gets on a recorded routing is
-    `prefetch.trace.simulate_cache(trace, capacity)` (hits, lookups), which `tests/test_scheduling.py` checks this
+    `prefetch.trace.simulate_cache(trace, capacity)` (hits, lookups), which `tests/scheduling/test_scheduling.py` checks this
     model against.
     """
     total = num_layers * num_experts

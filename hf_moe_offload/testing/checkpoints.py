@@ -10,7 +10,7 @@ memory. Both may be sharded with a `model.safetensors.index.json`, so every read
 
 `PER_EXPERT_NAMES` is the per-expert naming as data, for writers that cannot call `save_pretrained` because the
 weights never exist in memory at once (the checkpoint synthesizer, `hf_moe_offload.bench.synth`);
-`tests/test_testing.py` holds it to what `save_pretrained` writes.
+`tests/testing/test_testing.py` holds it to what `save_pretrained` writes.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ for layout in LAYOUTS: save -> from_pretrained(offload_config=<top_k + 1 slots>)
 Tiny configs are derived generically from each type's defaults; OVERRIDES holds only what a family needs beyond
 that (data, not code). A type that cannot be offloaded exactly is listed in XFAIL with the precise reason: the
 test marks it `xfail(strict=True)`, so fixing it turns the run red (XPASS) until the entry is removed. Used by
-tests/test_fidelity_matrix.py and scripts/gen_models_doc.py (which runs the same cases without pytest); the
+tests/adapters/test_fidelity_matrix.py and scripts/gen_models_doc.py (which runs the same cases without pytest); the
 checkpoints are written by `save_checkpoint` (checkpoints.py) and the routers sharpened as in models.py.
 """
 

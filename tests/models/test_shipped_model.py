@@ -2,7 +2,7 @@
 
 The model is built by ``scripts/build_tiny_model.py``; its routing is checked by ``scripts/routing_check.py``.
 These tests load it offline with plain transformers (no offloading), generate, and re-run the routing check.
-The recorder and the cache simulation the statistics build on are specified in ``tests/test_routing.py``.
+The recorder and the cache simulation the statistics build on are specified in ``tests/prefetch/test_routing.py``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from hf_moe_offload.bench import routing_stats as rs  # noqa: E402
 from hf_moe_offload.integration.tracing import record_routing  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MODEL_DIR = REPO / "models" / "moe-tiny"
 MAX_MODEL_BYTES = 60 * 1024 * 1024
 # Measured on the shipped model (see models/moe-tiny/README.md); thresholds leave a margin below.

@@ -18,7 +18,7 @@ from hf_moe_offload.cli.main import build_parser
 from hf_moe_offload.cli.main import main as cli
 from hf_moe_offload.config import OffloadConfig
 
-DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+DOCS = pathlib.Path(__file__).resolve().parents[2] / "docs" / "benchmarks.md"
 TINY_BENCH = [
     "--in-process",
     "--reps",

@@ -1,6 +1,7 @@
 """`hf_moe_offload.bench.sysmem`: page-cache residency (after `scheduling.profile.evict_page_cache`), RSS split,
 process I/O, memory cgroups. The disk bandwidth is tested with the profile (test_scheduling.py)."""
 
+import mmap
 import os
 import sys
 import time
@@ -40,10 +41,13 @@ def test_rss_breakdown_keys_and_sampler():
     assert rss["RssAnon"] > 0 and rss["VmHWM"] >= rss["VmRSS"] > 0
     assert sysmem.rss_breakdown(os.getpid())["RssAnon"] > 0
     with sysmem.PeakRssSampler(interval_s=0.01) as peak:
-        block = bytearray(64 * MiB)
-        block[::4096] = b"x" * len(block[::4096])
+        # A fresh anonymous mapping, not malloc: in a long-lived process malloc may hand back freed heap pages
+        # that are already resident, and the anonymous RSS would not grow.
+        block = mmap.mmap(-1, 64 * MiB, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        for off in range(0, 64 * MiB, 4096):
+            block[off] = 1
         time.sleep(0.1)  # the sampler is periodic (10 ms): hold the block across several samples
-        del block
+        block.close()
     assert peak.peak["RssAnon"] >= rss["RssAnon"] + 48 * MiB
 
 

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 pytestmark = pytest.mark.slow  # over 5 s on a 2-core CPU; still part of the default run
 
-MODEL = os.path.join(os.path.dirname(__file__), "..", "models", "moe-tiny")
+MODEL = os.path.join(os.path.dirname(__file__), "..", "..", "models", "moe-tiny")
 
 
 def test_offloaded_shipped_model_matches_and_prefetches_well():

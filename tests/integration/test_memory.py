@@ -1,5 +1,5 @@
 """Budgets are real: loading reads no expert bytes, generation stays within the budget, and the page cache does not
-keep a second copy of the experts. Each case runs in a fresh process (tests/_memory_probe.py) so its memory is its
+keep a second copy of the experts. Each case runs in a fresh process (tests/integration/_memory_probe.py) so its memory is its
 own; anonymous memory (what a budget bounds) is told apart from file-backed pages and from the page cache."""
 
 import json
