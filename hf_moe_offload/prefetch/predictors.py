@@ -66,6 +66,13 @@ def make_predictor(name: str, num_experts: Sequence[int], top_k: int, **kwargs) 
     return _PREDICTORS.get(name)(num_experts, top_k, **kwargs)
 
 
+def _indices(res) -> torch.Tensor | None:
+    """The integer top-k indices of a router's `(logits, weights, indices)` output, or None."""
+    if isinstance(res, tuple) and len(res) >= 3 and torch.is_tensor(res[2]) and not torch.is_floating_point(res[2]):
+        return res[2]
+    return None
+
+
 @register_predictor("gate_lookahead")
 class GateLookahead(Predictor):
     """Apply layer `t`'s router to layer `l`'s MoE input; score = tokens routed to each expert."""
@@ -86,7 +93,8 @@ class GateLookahead(Predictor):
             idx = self.route(t, hidden)
             if idx is None:
                 continue
-            counts = torch.bincount(idx.reshape(-1).clamp(max=self.num_experts[t] - 1), minlength=self.num_experts[t])
+            idx = idx.reshape(-1)
+            counts = torch.bincount(idx[(idx >= 0) & (idx < self.num_experts[t])], minlength=self.num_experts[t])
             out[t] = counts.cpu().numpy().astype(np.float64)
         return out
 
@@ -97,8 +105,9 @@ class GateLookahead(Predictor):
         res = self._call(target, router, hidden) if router is not None else None
         if res is None:
             return None
-        if isinstance(res, tuple) and len(res) >= 3 and torch.is_tensor(res[2]) and not torch.is_floating_point(res[2]):
-            return res[2]
+        indices = _indices(res)
+        if indices is not None:
+            return indices
         logits = res[0] if isinstance(res, tuple) else res
         return logits.topk(min(self.top_k, logits.shape[-1]), dim=-1).indices
 
@@ -116,7 +125,12 @@ class GateLookahead(Predictor):
             except Exception:  # noqa: BLE001 - any failure just means "no prediction from this router"
                 continue
             first = res[0] if isinstance(res, tuple) else res
-            if torch.is_tensor(first) and first.shape[-1] == self.num_experts[layer]:
+            if torch.is_tensor(first) and (
+                first.shape[-1] == self.num_experts[layer]
+                # more columns than routed experts (LongCat, ZAYA: zero / no-op experts): usable when the router
+                # also returns its integer top-k indices (ids >= num_experts are dropped by `predict`)
+                or (first.shape[-1] > self.num_experts[layer] and _indices(res) is not None)
+            ):
                 if not isinstance(res, tuple):
                     return res.reshape(-1, res.shape[-1])
                 return tuple(r.reshape(-1, r.shape[-1]) if torch.is_tensor(r) else r for r in res)

@@ -229,3 +229,22 @@ def test_poor_predictions_switch_speculative_loads_off(mixtral_dir, mixtral_mode
     assert pf.metrics()["prefetch_precision"] == 0.0
     assert issued[-1] == issued[-10]  # then stopped: precision 0 < hit rate
     cache.close()
+
+
+@pytest.mark.parametrize("family", ["longcat_flash", "zaya"])
+def test_gate_lookahead_keeps_routers_with_zero_expert_columns(tmp_path, family):
+    """Routers with more logit columns than routed experts (zero / no-op experts) still predict: their integer
+    top-k is used and ids past the routed experts are dropped."""
+    from hf_moe_offload.testing.matrix import matrix_config, sharpen_routers
+
+    torch.manual_seed(0)
+    ref = AutoModelForCausalLM.from_config(matrix_config(family)).eval()
+    sharpen_routers(ref)
+    folder = save_checkpoint(ref, str(tmp_path / "m"), "fused")
+    off = AutoModelForCausalLM.from_pretrained(folder, offload_config={"host_budget": "40%"})
+    ids = torch.randint(3, 100, (1, 6), generator=torch.Generator().manual_seed(0))
+    kw = dict(max_new_tokens=8, do_sample=False)
+    assert torch.equal(off.generate(ids, **kw), ref.generate(ids, **kw))
+    lookahead = off.offload_engine.predictor("gate_lookahead")
+    assert sorted(lookahead.routers) == [x.layer for x in off.offload_engine.topology.layers]
+    assert off.offload_stats()["prefetch_precision"] > 0
