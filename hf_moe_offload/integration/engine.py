@@ -41,10 +41,6 @@ class LayerHandle:
     layer: int
 
 
-def _close(cache: ExpertCache) -> None:
-    cache.close()
-
-
 class _RefuseBackward(torch.autograd.Function):
     """Identity on the experts' output whose backward raises: offloaded experts cannot be trained through."""
 
@@ -99,8 +95,8 @@ class OffloadEngine:
             layer.module.__dict__[HANDLE_ATTR] = LayerHandle(self, layer.layer)
             # Undecorated families get an instance forward that calls run_layer (decorated ones: a no-op).
             layer.adapter.install_forward(layer.module, functools.partial(self.run_layer, layer.layer))
-        # Not a bound method: the finalizer must not keep the engine alive.
-        self._finalizer = weakref.finalize(self, _close, self.cache)
+        # The cache's method, not the engine's: the finalizer must not keep the engine alive.
+        self._finalizer = weakref.finalize(self, self.cache.close)
         _LIVE.add(self)
 
     def _make_prefetcher(self) -> Prefetcher | None:
