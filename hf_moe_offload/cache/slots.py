@@ -17,10 +17,7 @@ class SlotPool:
     def __init__(self, name: str, n_slots: int, slot_nbytes: int, device: torch.device, pin_memory: bool = False):
         self.name, self.n_slots, self.slot_nbytes = name, n_slots, slot_nbytes
         self.device, self.pin_memory = device, pin_memory
-        self._buffers: list[torch.Tensor | None] = [None] * n_slots
-        self._free = list(range(n_slots - 1, -1, -1))
-        # CUDA: the event after the last kernel that read each slot; a copy into the slot waits on it
-        self.release_events: list = [None] * n_slots
+        self.free_buffers()
 
     def take(self) -> int | None:
         return self._free.pop() if self._free else None
@@ -40,10 +37,11 @@ class SlotPool:
         return buf
 
     def free_buffers(self) -> None:
-        """Release every slot's memory (after `ExpertCache.close`: no expert may be in use)."""
-        self._buffers = [None] * self.n_slots
-        self.release_events = [None] * self.n_slots
+        """Every slot free and unallocated: the initial state, and after `ExpertCache.close` (no expert in use)."""
+        self._buffers: list[torch.Tensor | None] = [None] * self.n_slots
         self._free = list(range(self.n_slots - 1, -1, -1))
+        # CUDA: the event after the last kernel that read each slot; a copy into the slot waits on it
+        self.release_events: list = [None] * self.n_slots
 
     @property
     def allocated_bytes(self) -> int:
