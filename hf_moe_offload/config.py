@@ -38,6 +38,7 @@ _UNITS = {
 }
 _BUDGET_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z%]*)\s*$")
 _IO_MODES = ("fadvise", "direct", "cached")
+_EXPERT_DTYPES = ("auto", "int8", "int4")  # precision.EXPERT_DTYPES (config stays below every other module)
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
@@ -166,6 +167,38 @@ class OffloadConfig:
         },
     )
 
+    expert_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "Precision of experts in the cache: 'auto' (as the model computes, bit-identical to the normal "
+            "model), 'int8' or 'int4' (quantized with optimum-quanto: a budget holds 2-4x more experts; CPU only)."
+        },
+    )
+    sidecar: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder of quantized experts written by `hf-moe-offload prepare` (read instead of the checkpoint "
+            "on a miss); default: the model's own `hf_moe_offload_experts/<expert_dtype>` if present; 'none': "
+            "quantize on each load."
+        },
+    )
+
+    expert_fraction: float = field(
+        default=1.0,
+        metadata={
+            "help": "Share (0-1] of each expert's intermediate neurons to load and compute, the most important "
+            "first (needs `hf-moe-offload calibrate`); 1: every neuron, bit-identical."
+        },
+    )
+    mixed_precision: float | None = field(
+        default=None,
+        metadata={
+            "help": "Routing weight (0-1] at or above which a missing expert is loaded at full precision; experts "
+            "below it compute from their quantized copy (needs expert_dtype 'int8'/'int4'; the host budget is split "
+            "evenly between the two tiers). None: off."
+        },
+    )
+
     def __post_init__(self) -> None:
         self.host_budget = parse_budget(self.host_budget, "host_budget")
         self.device_budget = parse_budget(self.device_budget, "device_budget")
@@ -189,6 +222,36 @@ class OffloadConfig:
             raise OffloadConfigError(f"mode: expected 'manual' or 'auto', got {self.mode!r}")
         if self.io_mode not in _IO_MODES:
             raise OffloadConfigError(f"io_mode: expected one of {', '.join(_IO_MODES)}, got {self.io_mode!r}")
+        if self.expert_dtype not in _EXPERT_DTYPES:
+            raise OffloadConfigError(
+                f"expert_dtype: expected one of {', '.join(_EXPERT_DTYPES)}, got {self.expert_dtype!r}"
+            )
+        if self.sidecar is not None and (not isinstance(self.sidecar, (str, os.PathLike)) or not str(self.sidecar)):
+            raise OffloadConfigError(
+                f"sidecar: expected the path of a folder written by `hf-moe-offload prepare`, 'none' or None, got "
+                f"{self.sidecar!r}"
+            )
+        f = self.expert_fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
+            raise OffloadConfigError(f"expert_fraction: expected a share in (0, 1], got {f!r}")
+        self.expert_fraction = float(f)
+        if self.mixed_precision is not None:
+            m = self.mixed_precision
+            if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 < m <= 1:
+                raise OffloadConfigError(f"mixed_precision: expected a routing weight in (0, 1] or None, got {m!r}")
+            if self.expert_dtype == "auto":
+                raise OffloadConfigError(
+                    f"mixed_precision={m!r} needs a quantized copy of the experts: set expert_dtype to 'int8' or "
+                    f"'int4' (experts below the threshold compute from it), or drop mixed_precision"
+                )
+            self.mixed_precision = float(m)
+        if self.sidecar is not None:
+            self.sidecar = os.fspath(self.sidecar)
+            if self.expert_dtype == "auto" and self.sidecar != "none":
+                raise OffloadConfigError(
+                    f"sidecar={self.sidecar!r} holds quantized experts, but expert_dtype is 'auto' (full precision); "
+                    f"set expert_dtype to the sidecar's precision ('int8' or 'int4') or drop sidecar"
+                )
 
     @classmethod
     def field_names(cls) -> list[str]:

@@ -22,6 +22,8 @@ _COUNTERS = (
     "prefetch_wasted",  # speculative loads dropped without being used (cancelled or evicted)
     "prefetch_wasted_bytes",  # bytes read for prefetches never used
     "prefetch_cancelled",  # speculative loads cancelled before they started
+    "tokens_generated",  # tokens generate() produced (one per sequence and step)
+    "low_precision_computes",  # (mixed_precision) experts computed from their quantized copy
 )
 
 

@@ -8,8 +8,9 @@ It reads only attributes of the module, never imports transformers.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from ..precision import matmul
 
 __all__ = ["expert_mlp"]
 
@@ -19,7 +20,8 @@ def expert_mlp(module: nn.Module, w: dict[str, torch.Tensor], x: torch.Tensor, e
 
     Args:
         module: the experts module (its flags, biases, activation and norm stay resident).
-        w: the expert's weight slices by name (`gate_up_proj` or `up_proj`, `down_proj`), in the compute dtype.
+        w: the expert's weight slices by name (`gate_up_proj` or `up_proj`, `down_proj`), in the compute dtype,
+            or quantized (`precision.PackedWeight`, multiplied by its kernel).
         x: `(n, H)` hidden states of the tokens routed to `e`.
         e: expert index (selects the bias rows).
 
@@ -31,13 +33,12 @@ def expert_mlp(module: nn.Module, w: dict[str, torch.Tensor], x: torch.Tensor, e
         weight, bias = w["gate_up_proj"], module.gate_up_proj_bias[e] if module.has_bias else None
     else:
         weight, bias = w["up_proj"], module.up_proj_bias[e] if module.has_bias else None
-    x = x.to(weight.dtype)
-    h = x @ weight if transposed else F.linear(x, weight)
+    h = matmul(x, weight, transposed)
     if bias is not None:
         h = h + bias
     h = module._apply_gate(h) if module.has_gate else module.act_fn(h)
     down = w["down_proj"]
-    out = h @ down if transposed else F.linear(h, down)
+    out = matmul(h, down, transposed)
     if module.has_bias:
         out = out + module.down_proj_bias[e]
     if module.has_post_expert_norm:

@@ -21,6 +21,7 @@ class StepBoundaryProcessor(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         self.engine.step_end()
+        self.engine.stats.add("tokens_generated", input_ids.shape[0])
         return scores
 
 

@@ -19,10 +19,12 @@ import torch
 
 from ..adapters import ExpertParam, Interleaving, KeyTarget, MoETopology
 from ..errors import CorruptCheckpointError, UnsupportedLayoutError
+from ..precision import PackedSpec
+from ..precision.neurons import NeuronPlan
 from .quantized import QuantizedWeight, QuantSpec
 from .safetensors_file import TensorInfo
 
-__all__ = ["Piece", "ExpertLayout", "build_layout", "SLOT_ALIGN"]
+__all__ = ["Piece", "ExpertLayout", "build_layout", "packed_layout", "SLOT_ALIGN"]
 
 SLOT_ALIGN = 64
 
@@ -68,6 +70,12 @@ class ExpertLayout:
     # layer -> per weight, how its rows are reordered once its pieces are read (None: kept in checkpoint order)
     layer_interleave: dict[int, tuple[Interleaving | None, ...]] = field(default_factory=dict)
     per_expert_keys: bool = False  # the checkpoint stores one tensor per expert (hub layout), not fused [E, ...]
+    # quantized slots (precision/): layer -> how each dense weight is packed; empty for slots in the compute dtype
+    layer_packed: dict[int, tuple[PackedSpec, ...]] = field(default_factory=dict)
+    # layers whose family has its own expert math: their packed weights are handed over dequantized
+    dense_math_layers: frozenset = frozenset()
+    # elastic sub-experts: layer -> which neurons of each expert the slot keeps (precision.neurons)
+    layer_neurons: dict[int, NeuronPlan] = field(default_factory=dict)
 
     @property
     def files(self) -> list[str]:
@@ -223,3 +231,34 @@ def build_layout(
             pieces[(layer.layer, e)] = tuple(per_param)
     per_expert = any(t.expert is not None for t in key_targets.values())
     return ExpertLayout(slot_nbytes, layer_params, layer_offsets, pieces, layer_interleave, per_expert)
+
+
+def packed_layout(
+    dense: ExpertLayout,
+    layer_packed: dict[int, tuple[PackedSpec, ...]],
+    dense_math_layers: frozenset = frozenset(),
+    pieces: dict | None = None,
+    layer_neurons: dict[int, NeuronPlan] | None = None,
+) -> ExpertLayout:
+    """The slot layout of quantized (or neuron-reduced) experts: each dense weight of `dense` becomes the parts of its
+    `PackedSpec` (`precision.PackedSpec.parts`), after `layer_neurons` keeps a subset of each expert's neurons. `pieces` locates those parts on disk (a prepared sidecar); without it the parts
+    are computed from the dense pieces on each load (`storage.encoding.EncodingStore`)."""
+    from ..adapters import ExpertParam
+
+    layer_params, layer_offsets, slot_nbytes = {}, {}, 0
+    for layer, specs in layer_packed.items():
+        params = tuple(ExpertParam(name, shape, dtype) for spec in specs for name, shape, dtype in spec.parts())
+        offsets, size = _slot_offsets(params)
+        layer_params[layer], layer_offsets[layer] = params, offsets
+        slot_nbytes = max(slot_nbytes, size)
+    return ExpertLayout(
+        slot_nbytes,
+        layer_params,
+        layer_offsets,
+        pieces if pieces is not None else {},
+        {layer: (None,) * len(params) for layer, params in layer_params.items()},
+        dense.per_expert_keys,
+        dict(layer_packed),
+        frozenset(dense_math_layers),
+        dict(layer_neurons or {}),
+    )

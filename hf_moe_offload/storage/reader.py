@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointChangedError, ExpertLoadError, MissingShardError, OffloadConfigError, OffloadStateError
+from ..precision import assemble
 from .layout import ExpertLayout, Piece
 from .quantized import dequantize
 
@@ -38,10 +39,14 @@ _DIRECT_CHUNK = 8 * 2**20
 
 
 def slot_views(slot: torch.Tensor, layout: ExpertLayout, layer: int) -> dict[str, torch.Tensor]:
-    """Typed, shaped views of one expert's weights inside a flat uint8 slot."""
+    """Typed, shaped views of one expert's weights inside a flat uint8 slot (for quantized slots: a
+    `precision.PackedWeight` per weight, or its dequantized tensor for families with their own expert math)."""
     out = {}
     for p, off in zip(layout.layer_params[layer], layout.layer_offsets[layer]):
         out[p.name] = slot[off : off + p.nbytes].view(p.dtype).view(p.shape)
+    specs = layout.layer_packed.get(layer)
+    if specs:
+        return assemble(specs, out, dense=layer in layout.dense_math_layers)
     return out
 
 
