@@ -1,0 +1,176 @@
+"""1 rank against 2 expert-parallel ranks, each process under the same RAM limit, on a Mixtral-shaped checkpoint.
+
+```
+synthesize a random Mixtral-shaped checkpoint (once)
+for each repeat, interleaved:  1 rank : from_pretrained(offload_config={"host_budget": SHARE_1})       in a cgroup of R
+                               2 ranks: from_pretrained(offload_config={"host_budget": SHARE_2},
+                                        distributed_config=DistributedConfig(tp_size=2, ep_size=2))  each in a cgroup of R
+    the same prompt, greedy decode of N tokens, timed per step (StepTimer); rank 0 reports
+table (medians) + one JSON line
+```
+With `ep_size=2` each rank owns half of the experts, so `host_budget="100%"` (of its own experts) caches as many bytes
+as `"50%"` of all experts does for the single process: the same expert cache per process, the same RAM limit per
+process. `tp_size=2, ep_size=2` keeps one shared sequence (all-reduce dispatch), so both runs decode the same stream.
+
+python scripts/bench_expert_parallel.py --out /tmp/ep_bench --ram-limit 1400MiB
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+GiB = 1 << 30
+
+
+def _worker(spec: dict) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.distributed import DistributedConfig
+
+    import hf_moe_offload  # noqa: F401
+    from hf_moe_offload.bench.decode_bench import StepTimer
+    from hf_moe_offload.bench.sysmem import rss_breakdown
+
+    torch.set_num_threads(spec["threads"])
+    world = int(os.environ["WORLD_SIZE"])
+    kwargs = {"distributed_config": DistributedConfig(tp_size=world, ep_size=world)} if world > 1 else {}
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(
+        spec["model"], dtype=torch.bfloat16, offload_config={"host_budget": spec["host_budget"]}, **kwargs
+    )
+    load_s = time.perf_counter() - t0
+    ids = torch.randint(0, model.config.vocab_size, (1, spec["prompt"]), generator=torch.Generator().manual_seed(0))
+    timer = StepTimer()
+    with torch.no_grad():
+        timer.start()
+        model.generate(ids, max_new_tokens=spec["new_tokens"], do_sample=False, logits_processor=[timer])
+    stats = model.offload_stats()
+    decode = timer.steps[1:]
+    out = {
+        "rank": int(os.environ["RANK"]),
+        "load_s": load_s,
+        "ttft_s": timer.steps[0],
+        "decode_tok_s": len(decode) / sum(decode),
+        "hit_rate": stats["hit_rate"],
+        "bytes_loaded": stats["bytes_loaded"],
+        "expert_bytes_total": stats["expert_bytes_total"],
+        "host_slots": stats["host_slots"],
+        "rss_hwm_bytes": rss_breakdown()["VmHWM"],
+    }
+    print("RESULT " + json.dumps(out), flush=True)
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(world: int, spec: dict, limit: int, timeout: float) -> dict:
+    """Start `world` ranks, each in its own memory cgroup of `limit` bytes; rank 0's result plus every rank's peak."""
+    from hf_moe_offload.bench.sysmem import run_in_memory_cgroup
+
+    port = _free_port()
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
+
+    def rank(r: int):
+        env = {
+            **os.environ,
+            "RANK": str(r),
+            "LOCAL_RANK": str(r),
+            "WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": str(spec["threads"]),
+            "TRANSFORMERS_VERBOSITY": "error",
+            "HF_HUB_OFFLINE": "1",
+        }
+        return run_in_memory_cgroup(cmd, limit, timeout=timeout, env=env)
+
+    with ThreadPoolExecutor(world) as pool:
+        results = list(pool.map(rank, range(world)))
+    parsed = []
+    for r, res in enumerate(results):
+        line = next((x for x in res.completed.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if res.completed.returncode != 0 or line is None:
+            raise RuntimeError(
+                f"rank {r} of {world} failed ({res.completed.returncode}):\n{res.completed.stderr[-3000:]}"
+            )
+        parsed.append({**json.loads(line[len("RESULT ") :]), "peak_bytes": res.max_usage_bytes})
+    return {"ranks": parsed, **{k: parsed[0][k] for k in ("decode_tok_s", "ttft_s", "hit_rate")}}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--out", default="/tmp/ep_bench", help="folder of the synthetic checkpoint")
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--intermediate", type=int, default=3584)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--ram-limit", default="1400MiB", help="memory limit of EACH process (cgroup), e.g. 1400MiB")
+    p.add_argument("--prompt", type=int, default=16)
+    p.add_argument("--new-tokens", type=int, default=24)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--one-rank-budget", default="50%", help="host_budget of the 1-rank run (default 50%%)")
+    p.add_argument("--timeout", type=float, default=900)
+    args = p.parse_args()
+    if args.worker:
+        return _worker(json.loads(args.worker))
+
+    from hf_moe_offload.bench.synth import synthesize_mixtral
+    from hf_moe_offload.config import parse_budget
+
+    model = os.path.join(args.out, "model")
+    if not os.path.isfile(os.path.join(model, "config.json")):
+        synthesize_mixtral(
+            model,
+            hidden_size=args.hidden,
+            intermediate_size=args.intermediate,
+            num_layers=args.layers,
+            num_experts=args.experts,
+            layout="fused",
+            progress=False,
+        )
+    limit = parse_budget(args.ram_limit, "--ram-limit").nbytes
+    base = {"model": model, "prompt": args.prompt, "new_tokens": args.new_tokens}
+    runs = {
+        f"1 rank, {args.one_rank_budget} of the experts cached": (
+            1,
+            {**base, "host_budget": args.one_rank_budget, "threads": 2},
+        ),
+        "2 ranks (ep_size=2), 100% of own half": (2, {**base, "host_budget": "100%", "threads": 1}),
+    }
+    measured: dict[str, list[dict]] = {name: [] for name in runs}
+    for _ in range(args.repeats):
+        for name, (world, spec) in runs.items():  # interleaved: the machine is shared and noisy
+            measured[name].append(_run(world, spec, limit, args.timeout))
+    summary = {}
+    print(
+        f"per-process RAM limit {args.ram_limit}; {args.layers} layers x {args.experts} experts; medians of {args.repeats}"
+    )
+    print(f"{'configuration':42s} {'decode tok/s':>12s} {'TTFT s':>8s} {'hit rate':>9s} {'peak MiB/rank':>14s}")
+    for name, rows in measured.items():
+        row = {k: statistics.median(r[k] for r in rows) for k in ("decode_tok_s", "ttft_s", "hit_rate")}
+        row["peak_bytes"] = max(rk["peak_bytes"] for r in rows for rk in r["ranks"])
+        row["expert_bytes_per_rank"] = rows[0]["ranks"][0]["expert_bytes_total"]
+        row["runs"] = [r["decode_tok_s"] for r in rows]
+        summary[name] = row
+        print(
+            f"{name:42s} {row['decode_tok_s']:12.2f} {row['ttft_s']:8.2f} {row['hit_rate']:9.2f} "
+            f"{row['peak_bytes'] / 2**20:14.0f}"
+        )
+    print(json.dumps({"ram_limit": limit, "layers": args.layers, "experts": args.experts, "results": summary}))
+
+
+if __name__ == "__main__":
+    main()
