@@ -13,6 +13,12 @@ Configurations are named `memory`, `accelerate@25%`, `offload@25%`, `offload@25%
 (`25%`) or an amount (`2GiB`); every configuration at a budget may hold the non-expert weights plus that many
 expert bytes: accelerate gets it as `max_memory`, this library as `host_budget` (`device_budget` on CUDA).
 Repetitions are interleaved (memory, accelerate, offload, memory, ...) because the machine is shared.
+
+The `llamacpp` baseline (`llamacpp-bf16@25%`, `llamacpp-q8_0@25%`, `llamacpp-q4_k_m@25%`; `--baselines llamacpp` for
+all three or `llamacpp-q8_0` for one) runs llama.cpp on GGUF files made from the same checkpoint (`bench.gguf`,
+cached next to it) in the same kind of worker, memory cgroup included. With it, every contender is teacher-forced
+(`forced`): the driver draws the prompt and the next ids once, every worker is fed them, and each reports its top-1
+predictions, so step times compare the same work and top-1 agreement with the in-memory model is measured.
 """
 
 from __future__ import annotations
@@ -32,9 +38,10 @@ from ..config import OffloadConfig, parse_budget
 from ..errors import OffloadConfigError
 from ..scheduling.profile import evict_page_cache
 from .decode_bench import spawn_worker
+from .gguf import GGUF_TYPES
 from .sysmem import CgroupUnavailableError
 
-__all__ = ["ABLATIONS", "BenchConfig", "make_configs", "make_points", "run_scenarios", "WORKER_ENTRY"]
+__all__ = ["ABLATIONS", "BenchConfig", "forced_ids", "make_configs", "make_points", "run_scenarios", "WORKER_ENTRY"]
 
 WORKER_ENTRY = "hf_moe_offload.bench.scenario_worker:run_spec"
 
@@ -48,7 +55,8 @@ ABLATIONS: dict[str, tuple[dict, str]] = {
 
 @dataclass
 class BenchConfig:
-    """One configuration: `kind` is "memory", "accelerate" or "offload"; `budget` a share or amount of experts."""
+    """One configuration: `kind` is "memory", "accelerate", "offload" or "llamacpp"; `budget` a share or amount of
+    experts (`extra["gguf_type"]`: the llamacpp GGUF type)."""
 
     name: str
     kind: str
@@ -74,7 +82,13 @@ def _ablation(item: str) -> tuple[str, dict, str]:
     if "=" in item:
         key, _, value = item.partition("=")
         key = key.strip().replace("-", "_")
-        typed: object = int(value) if value.strip().isdigit() else value.strip()
+        typed: object = value.strip()
+        for number in (int, float):  # expert_fraction=0.5, io_threads=4
+            try:
+                typed = number(value)
+                break
+            except ValueError:
+                pass
         return f"[{key}={value.strip()}]", {key: typed}, f"{key}={value.strip()}"
     if item not in ABLATIONS:
         raise OffloadConfigError(
@@ -96,7 +110,8 @@ def make_configs(
 
     Args:
         budgets: shares (`"25"`, `"25%"`) or amounts (`"2GiB"`) of expert bytes.
-        baselines: any of "memory", "accelerate".
+        baselines: any of "memory", "accelerate", "llamacpp" (every GGUF type) or "llamacpp-<type>" (one of
+            `gguf.GGUF_TYPES`: bf16, q8_0, q4_k_m).
         ablations: names from `ABLATIONS` or `FIELD=VALUE` overrides of `OffloadConfig`.
         offload: `OffloadConfig` fields applied to every offload configuration.
         device: "cpu" or "cuda[:N]": on CUDA the budget is the `device_budget`.
@@ -104,9 +119,13 @@ def make_configs(
     Raises:
         OffloadConfigError: an unknown baseline, ablation or invalid config value.
     """
-    unknown = sorted(set(baselines) - {"memory", "accelerate"})
+    gguf_types = [t for t in GGUF_TYPES if "llamacpp" in baselines or f"llamacpp-{t}" in baselines]
+    unknown = sorted(set(baselines) - {"memory", "accelerate", "llamacpp"} - {f"llamacpp-{t}" for t in GGUF_TYPES})
     if unknown:
-        raise OffloadConfigError(f"--baselines: unknown {unknown}; use memory, accelerate or none")
+        raise OffloadConfigError(
+            f"--baselines: unknown {unknown}; use memory, accelerate, llamacpp, "
+            f"{', '.join('llamacpp-' + t for t in GGUF_TYPES)} or none"
+        )
     configs = [BenchConfig("memory", "memory", note="the whole model in memory")] if "memory" in baselines else []
     tier = "device_budget" if device.startswith("cuda") else "host_budget"
     for raw in budgets:
@@ -116,6 +135,16 @@ def make_configs(
             configs.append(
                 BenchConfig(
                     f"accelerate@{budget}", "accelerate", budget, note="device_map=auto, max_memory, offload_folder"
+                )
+            )
+        for t in gguf_types:
+            configs.append(
+                BenchConfig(
+                    f"llamacpp-{t}@{budget}",
+                    "llamacpp",
+                    budget,
+                    note=f"llama.cpp, {t} GGUF, mmap",
+                    extra={"gguf_type": t},
                 )
             )
         base = {**(offload or {}), tier: budget, "device": device}
@@ -181,6 +210,7 @@ def run_scenarios(
     safety_bytes: int | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    forced: bool | None = None,
 ) -> dict[str, list[dict]]:
     """Run every configuration `reps` times, interleaved; each run loads the model once and times every point.
 
@@ -206,6 +236,8 @@ def run_scenarios(
             OOM killer (accelerate's disk offload at batch 32 grew to 22 GB on a 3.4 GB model). None: no limit.
         progress: a tqdm bar over the runs.
         log: where one line per finished run goes (default: above the progress bar).
+        forced: teacher-force every contender with the same ids (`forced_ids`); None: when a llamacpp configuration
+            runs. Its GGUF files are made first (`gguf.ensure_ggufs`, cached next to the checkpoint).
 
     Returns:
         `{config name: [one worker result per repetition]}`.
@@ -215,6 +247,10 @@ def run_scenarios(
     if in_process and mode == "ramlimit":
         raise OffloadConfigError("--in-process cannot run in a memory cgroup; drop --ramlimit or --in-process")
     runs: dict[str, list[dict]] = {c.name: [] for c in configs}
+    ggufs = _prepare_ggufs(model_dir, configs, log or (lambda line: print(line, file=sys.stderr)))
+    if forced is None:
+        forced = bool(ggufs)
+    ids = forced_ids(model_dir, points, seed) if forced else None
     bar = tqdm(total=reps * len(configs), desc="bench", unit="run", file=sys.stderr, disable=not progress)
     write = log or bar.write
     try:
@@ -241,10 +277,12 @@ def run_scenarios(
                     seed=seed,
                     replay=replay,
                     partial_path=os.path.join(scratch, "partial.json"),
+                    forced_ids=ids,
+                    gguf=ggufs.get(cfg.extra.get("gguf_type")) if cfg.kind == "llamacpp" else None,
                 )
                 try:
                     if mode != "warm":
-                        evict_page_cache(model_dir)
+                        evict_page_cache([model_dir, spec["gguf"]] if spec["gguf"] else model_dir)
                     if in_process:
                         result = _run_in_process(spec)
                     else:
@@ -261,6 +299,31 @@ def run_scenarios(
     finally:
         bar.close()
     return runs
+
+
+def _prepare_ggufs(model_dir, configs: list[BenchConfig], log: Callable[[str], None]) -> dict[str, str]:
+    types = [c.extra["gguf_type"] for c in configs if c.kind == "llamacpp"]
+    if not types:
+        return {}
+    from .gguf import ensure_ggufs
+
+    return {t: str(p) for t, p in ensure_ggufs(model_dir, list(dict.fromkeys(types)), log=log).items()}
+
+
+def forced_ids(model_dir: str | Path, points: list[dict], seed: int = 0) -> dict[str, list[list[int]]]:
+    """The ids every contender is fed, per point: `(batch, prompt_len + new_tokens)`, from `prompt_ids` (the
+    tokenized paragraph when the folder has a tokenizer, else seeded random ids), drawn once by the driver."""
+    from .scenario_worker import prompt_ids
+
+    with open(Path(model_dir) / "config.json", encoding="utf-8") as f:
+        config = json.load(f)
+    vocab = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
+    return {
+        p["key"]: prompt_ids(
+            str(model_dir), vocab, p["batch"], p["prompt_len"] + p["new_tokens"], seed + p["batch"]
+        ).tolist()
+        for p in points
+    }
 
 
 def _spawn(spec: dict, limit: int | None, timeout: float | None) -> dict:

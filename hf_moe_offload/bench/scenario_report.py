@@ -14,7 +14,9 @@ roofline, `scheduling.planner.lower_bound`, over the bandwidths of the `scheduli
 `hf-moe-offload plan` uses too) with compute = the in-memory model's p50 step when it was measured, else the expert
 compute the timeline recorded; moved bytes = what accelerate reloads per forward (every parameter it placed on
 "disk"), what this library read (`bytes_loaded` per step), nothing for the in-memory model. `efficiency` = bound /
-measured p50 step.
+measured p50 step. For llama.cpp the bound is its I/O alone (bytes it paged in / bandwidth): the transformers step is
+no floor for its kernels. `top1_vs_memory` compares each configuration's first-run ids with the in-memory model's
+(top-1 agreement when the run was teacher-forced).
 """
 
 from __future__ import annotations
@@ -105,6 +107,8 @@ def summarise(
         for cfg in configs:
             s = table[cfg.name]
             compute = memory["step_p50_s"] if memory and memory["step_p50_s"] else s["compute_s_per_step"]
+            if cfg.kind == "llamacpp":  # its own kernels: the transformers step is no floor for it; I/O bound only
+                compute = None
             s["compute_ref_s"] = compute
             s["lower_bound_s"] = lower_bound(
                 compute, s["moved_bytes_per_step"], bandwidth, s["h2d_bytes_per_step"], limits.h2d_Bps
@@ -116,8 +120,15 @@ def summarise(
             s["x_memory"] = s["speed"] / memory["speed"] if memory and memory["speed"] and s["speed"] else None
             tokens = s.pop("_tokens")
             s["tokens_match_memory"] = None if reference is None or not tokens else all(t == reference for t in tokens)
+            s["top1_vs_memory"] = _agreement(tokens[0], reference) if reference is not None and tokens else None
         out[key] = table
     return out
+
+
+def _agreement(tokens: list[int], reference: list[int]) -> float | None:
+    """Share of positions where two id sequences agree (top-1 agreement when both were teacher-forced)."""
+    n = min(len(tokens), len(reference))
+    return sum(a == b for a, b in zip(tokens[:n], reference[:n])) / n if n else None
 
 
 def summarise_configs(runs: dict[str, list[dict]], configs: list[BenchConfig], sizes: dict[str, int]) -> dict:
@@ -171,7 +182,7 @@ def format_tables(
         lines.append(
             f"{'config':<30}{'TTFT s':>8}{'p50 ms':>9}{'p90 ms':>9}{'tok/s':>9}{'x accel':>8}{'x mem':>7}"
             f"{'moved MB':>9}{'disk MB':>8}{'hit %':>6}{'stall ms':>9}{'bound ms':>9}{'effic.':>7}"
-            f"{'same tok':>9}"
+            f"{'same tok':>9}{'top-1 %':>8}"
         )
         for name, s in table.items():
             lines.append(
@@ -180,13 +191,14 @@ def format_tables(
                 f"{_f(s['x_memory']):>7}{_f(s['moved_bytes_per_step'], '.1f', 1e6):>9}"
                 f"{_f(s['disk_read_bytes_per_step'], '.1f', 1e6):>8}{_f(s['hit_rate'], '.0f', 0.01):>6}"
                 f"{_f(s['stall_s_per_step'], '.1f', 1e-3):>9}{_f(s['lower_bound_s'], '.1f', 1e-3):>9}"
-                f"{_f(s['efficiency']):>7}{str(s['tokens_match_memory']):>9}"
+                f"{_f(s['efficiency']):>7}{str(s['tokens_match_memory']):>9}{_f(s['top1_vs_memory'], '.0f', 0.01):>8}"
             )
             for problem in s["problems"]:
                 lines.append(f"{'':<30}{s['runs'] - s['runs_ok']} run(s) without a result: {problem.splitlines()[-1]}")
     lines += [
         "",
         "moved/disk MB: per decode step (moved = bytes the method had to bring in; disk = what the worker "
-        "read from storage); bound = max(compute, moved / bandwidth); effic. = bound / p50 step",
+        "read from storage); bound = max(compute, moved / bandwidth) (llamacpp: moved / bandwidth); "
+        "effic. = bound / p50 step; top-1 % = agreement of the first run's top-1 ids with the memory model's",
     ]
     return "\n".join(lines)

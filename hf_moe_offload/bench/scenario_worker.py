@@ -14,6 +14,8 @@ over from one point to the next as in a long-running server (each finished point
 "cold" mode, between decode steps too (outside the timed region). Prompts are tokenized text when the model folder
 has a tokenizer (realistic routing for a trained model), otherwise seeded random ids. With a routing trace
 (`replay`), every model follows the recorded routing: the recording's prompt length, a batch up to the recording's.
+With `spec["forced_ids"]` (the driver's ids, drawn once) the prompt is theirs and generation is teacher-forced
+(`ForcedTokens`): "tokens" are then the model's top-1 ids. A `llamacpp` spec is handed to `bench.llamacpp`.
 """
 
 from __future__ import annotations
@@ -24,12 +26,13 @@ import statistics
 import time
 
 import torch
+from transformers import LogitsProcessor
 
 from ..scheduling.profile import evict_page_cache
 from .decode_bench import StepTimer, accelerate_disk_bytes, scalar_offload_stats
 from .sysmem import PeakRssSampler, process_io, rss_breakdown
 
-__all__ = ["load_config_model", "prompt_ids", "run_point", "run_spec", "PROMPT_TEXT"]
+__all__ = ["ForcedTokens", "load_config_model", "prompt_ids", "run_point", "run_spec", "PROMPT_TEXT"]
 
 PROMPT_TEXT = (
     "The history of the printing press begins in the fifteenth century, when movable metal type made books cheap "
@@ -88,6 +91,27 @@ def prompt_ids(model_dir: str, vocab_size: int, batch: int, length: int, seed: i
     return torch.tensor(rows, dtype=torch.long)
 
 
+class ForcedTokens(LogitsProcessor):
+    """Teacher forcing: keeps the model's top-1 id of every step, then makes `generate()` emit the given id.
+
+    Every contender of a run is then fed the same ids (the llama.cpp baseline too), so step times compare the same
+    work and top-1 agreement compares predictions at the same positions, with no divergence after a first mismatch.
+
+    Args:
+        forced: `(B, N)` int64, the ids to emit at steps 0..N-1.
+    """
+
+    def __init__(self, forced: torch.Tensor):
+        self.forced = forced
+        self.predictions: list[list[int]] = []  # per step, the top-1 id of each sequence
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        step = len(self.predictions)
+        self.predictions.append(scores.argmax(-1).tolist())
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(1, self.forced[:, step : step + 1].to(scores.device), 0.0)
+
+
 def _deltas(values: list) -> list:
     if len(values) < 2 or not all(isinstance(v, (int, float)) for v in values):
         return []
@@ -128,7 +152,12 @@ def run_point(model, spec: dict, point: dict, trace=None) -> dict:
             stats.get("stall_seconds"),
         )
 
-    ids = prompt_ids(spec["model_dir"], model.config.vocab_size, batch, length, spec.get("seed", 0) + batch)
+    forcing = None
+    if spec.get("forced_ids"):  # the driver's ids: prompt (B, L) then the N ids every contender is fed
+        ids = torch.tensor(spec["forced_ids"][point["key"]], dtype=torch.long)
+        ids, forcing = ids[:, :length], ForcedTokens(ids[:, length : length + n])
+    else:
+        ids = prompt_ids(spec["model_dir"], model.config.vocab_size, batch, length, spec.get("seed", 0) + batch)
     ids = ids.to(spec.get("device") or "cpu")  # not model.device: meta when accelerate put every weight on "disk"
     before = engine.stats_dict() if engine is not None else {}
     if spec["mode"] != "warm":
@@ -155,7 +184,7 @@ def run_point(model, spec: dict, point: dict, trace=None) -> dict:
                 attention_mask=torch.ones_like(ids),
                 max_new_tokens=n,
                 min_new_tokens=n,
-                logits_processor=[timer],
+                logits_processor=[timer] if forcing is None else [timer, forcing],
                 pad_token_id=pad,
                 **sampling,
             )
@@ -175,7 +204,7 @@ def run_point(model, spec: dict, point: dict, trace=None) -> dict:
         "gen_s": sum(timer.steps),
         "tok_s": batch * len(timer.steps) / sum(timer.steps),
         "decode_tok_s": batch * len(decode) / sum(decode) if decode else None,
-        "tokens": out[0, length:].tolist(),
+        "tokens": out[0, length:].tolist() if forcing is None else [p[0] for p in forcing.predictions],
         "disk_read_bytes_per_step": _mean(_deltas([e[3] for e in timer.extras])),
     }
     if spec["kind"] == "accelerate":
@@ -202,6 +231,10 @@ def run_point(model, spec: dict, point: dict, trace=None) -> dict:
 
 def run_spec(spec: dict) -> dict:
     """Load `spec`'s configuration once and run every point of `spec["points"]`; the worker's entry point."""
+    if spec["kind"] == "llamacpp":
+        from .llamacpp import run_llamacpp_spec
+
+        return run_llamacpp_spec(spec)
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     trace = None
