@@ -1,12 +1,14 @@
 """`from_pretrained(..., offload_config=...)`: plan, load every weight except the experts, attach the engine.
 
 ```
-make_plan: config, kwargs, checkpoint headers, layout, budgets, names, side files   (nothing loaded; typed errors)
+device "auto" follows a one-device device_map (placement.py); make_plan: config, kwargs, checkpoint headers, layout,
+    budgets, names, side files   (nothing loaded; typed errors); a device_map on another device is refused
 from_pretrained with a module-registration hook: each experts module loses its expert Parameters as soon as it
     is built, so their checkpoint keys are "unexpected" and never read (and silenced in the load report)
 OffloadEngine(model, plan) + experts_implementation="hf_moe_offload" + model.offload_stats()
     + (models that generate) generate() wrapped with the step-boundary processor
     + save_pretrained() that streams the experts into the saved checkpoint (saving.py)
+    + .to() / .cuda() / .half() that refuse to move or cast the model (placement.py)
 ```
 Every model class loads this way: the base model, `*ForCausalLM` and the task heads. The registration hook is
 installed only for the duration of one call, on this thread.
@@ -22,11 +24,14 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ..adapters import find_adapter
+from ..config import OffloadConfig
 from ..errors import UnsupportedFeatureError
+from .distributed import localize_experts
 from .engine import OffloadEngine
 from .experts_forward import IMPLEMENTATION_NAME
 from .generation import wrap_generate
 from .pipelines import install_pipeline_grouping
+from .placement import check_device_map, follow_device_map, refuse_moves
 from .plan import LoadPlan, make_plan
 from .saving import save_offloaded
 
@@ -47,6 +52,7 @@ def _registration_hook(parent: nn.Module, name: str, child: nn.Module):
     adapter = find_adapter(child) if isinstance(child, nn.Module) else None
     if adapter is not None:
         adapter.strip(child)
+        localize_experts(child, getattr(_state, "shard", None))
     if isinstance(parent, PreTrainedModel):
         current = set(getattr(parent, "_keys_to_ignore_on_load_unexpected", None) or [])
         parent._keys_to_ignore_on_load_unexpected = current | ctx
@@ -59,10 +65,11 @@ def _load_without_experts(original, path, model_args: tuple, plan: LoadPlan):
     handle = torch.nn.modules.module.register_module_module_registration_hook(_registration_hook)
     fused_keys = [layer.param_key(p.name) for layer in plan.topology.layers for p in layer.params]
     _state.ctx = ignore_patterns(list(plan.expert_keys) + fused_keys)
+    _state.shard = plan.shard
     try:
         return original(path, *model_args, **plan.kwargs)
     finally:
-        _state.ctx = None
+        _state.ctx = _state.shard = None
         handle.remove()
 
 
@@ -89,7 +96,9 @@ def _refuse_other_experts_implementation(model: PreTrainedModel) -> None:
 
 def load_offloaded(cls, original, path, model_args: tuple, kwargs: dict, offload_config) -> PreTrainedModel:
     """Body of the patched `from_pretrained` when `offload_config` is given (see the module docstring)."""
-    plan = make_plan(cls, path, kwargs, offload_config)
+    cfg = follow_device_map(OffloadConfig.coerce(offload_config), kwargs)
+    plan = make_plan(cls, path, kwargs, cfg)
+    check_device_map(kwargs, plan.device)
     result = _load_without_experts(original, path, model_args, plan)
     model = result[0] if isinstance(result, tuple) else result
     for module in model.modules():  # an experts module built outside the hook's reach: strip it now
@@ -104,6 +113,7 @@ def load_offloaded(cls, original, path, model_args: tuple, kwargs: dict, offload
         if sub_config is not None and sub_config._experts_implementation != IMPLEMENTATION_NAME:
             sub_config._experts_implementation = IMPLEMENTATION_NAME
     _refuse_other_experts_implementation(model)
+    refuse_moves(model, engine.device)
     if callable(getattr(model, "generate", None)):
         wrap_generate(model, engine)
         install_pipeline_grouping()
