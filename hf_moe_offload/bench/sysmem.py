@@ -8,8 +8,11 @@ speed and a benchmark flatters whatever it measures. These helpers let a benchma
 * `rss_breakdown` splits resident memory into anonymous, file-backed and shared bytes (`/proc/<pid>/status`:
   psutil reports only their sum): safetensors weights loaded by transformers stay memory-mapped, so plain RSS
   mixes the two. `PeakRssSampler` tracks their peaks, which the kernel does not keep separately.
-* `run_in_memory_cgroup` runs a command under a cgroup v1 memory limit, the user's real situation (less RAM than
-  the model): the kernel then reclaims page cache and mapped file pages of the group under the limit.
+* `run_in_memory_cgroup` runs a command under a memory cgroup limit, the user's real situation (less RAM than the
+  model): the kernel then reclaims page cache and mapped file pages of the group under the limit. Both cgroup
+  versions work: v1 (`memory.limit_in_bytes`, a `memory` hierarchy in the mount table) and v2 (`memory.max`, the
+  unified hierarchy most distributions now mount alone); `find_memory_cgroup` picks the one that holds the memory
+  controller.
 * `process_io` reads the bytes a process really fetched from storage (psutil's I/O counters).
 
 Evicting files from the page cache (`evict_page_cache`) and the disk, page-cache and host -> device bandwidths
@@ -38,7 +41,9 @@ __all__ = [
     "CgroupRunResult",
     "CgroupUnavailableError",
     "PeakRssSampler",
+    "cgroup_version",
     "find_memory_cgroup",
+    "group_usage",
     "page_cache_resident_bytes",
     "process_io",
     "rss_breakdown",
@@ -50,7 +55,7 @@ _STATUS_FIELDS = ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem", "VmSwap")
 
 
 class CgroupUnavailableError(RuntimeError):
-    """No writable cgroup v1 memory controller is available to this process."""
+    """No writable memory cgroup (v1 or v2) is available to this process."""
 
 
 def _libc() -> ctypes.CDLL:
@@ -188,30 +193,104 @@ class PeakRssSampler:
         self.sample()
 
 
-def find_memory_cgroup() -> Path:
-    """The directory of this process's cgroup in the v1 memory hierarchy, if it is writable.
+def _mount_table() -> list[tuple[str, str, str]]:
+    """`(fstype, mountpoint, options)` of every mount, from psutil (the kernel's mount table)."""
+    return [(p.fstype, p.mountpoint, p.opts) for p in psutil.disk_partitions(all=True)]
+
+
+def _own_paths(proc_cgroup: str) -> tuple[str | None, str | None]:
+    """This process's group `(in the v1 memory hierarchy, in the v2 hierarchy)` from `/proc/<pid>/cgroup` text."""
+    v1 = v2 = None
+    for line in proc_cgroup.splitlines():
+        if not line.strip():
+            continue
+        hierarchy, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            v1 = path
+        elif hierarchy == "0" and controllers == "":
+            v2 = path
+    return v1, v2
+
+
+def cgroup_version(group: Path) -> int:
+    """2 for a group of the unified hierarchy (it has `cgroup.controllers`), 1 for a v1 memory group."""
+    return 2 if (Path(group) / "cgroup.controllers").exists() else 1
+
+
+def _v2_parent(group: Path) -> Path:
+    """The v2 group under which children get a memory controller: `group` once `memory` is in its
+    `cgroup.subtree_control` (enabled here when it is not yet).
+
+    cgroup v2 lets a group enable controllers for its children only while it holds no process itself. When this
+    process is the only one in its group (a delegated `systemd-run --scope`, a container's own root group), it
+    moves itself into a leaf child `hf_moe_offload-self` first, as systemd does for delegated groups.
+    """
+    available = (group / "cgroup.controllers").read_text().split()
+    if "memory" not in available:
+        raise CgroupUnavailableError(
+            f"cgroup v2: the memory controller is not available in {group} (cgroup.controllers: "
+            f"{' '.join(available) or 'empty'}); enable it in the parent's cgroup.subtree_control or run as root"
+        )
+    control = group / "cgroup.subtree_control"
+    if "memory" in control.read_text().split():
+        return group
+    try:
+        procs = (group / "cgroup.procs").read_text().split()
+        if procs == [str(os.getpid())]:
+            leaf = group / "hf_moe_offload-self"
+            leaf.mkdir(exist_ok=True)
+            (leaf / "cgroup.procs").write_text(str(os.getpid()))
+        control.write_text("+memory")
+    except OSError as err:  # EBUSY: other processes live in the group ("no internal processes"); EACCES: not ours
+        raise CgroupUnavailableError(
+            f"cgroup v2: cannot enable the memory controller for children of {group} ({err.strerror or err}); run "
+            f"the benchmark alone in a delegated group, e.g. `systemd-run --user --scope -p Delegate=yes "
+            f"hf-moe-offload bench ...`, or as root"
+        ) from err
+    return group
+
+
+def find_memory_cgroup(*, mounts: list[tuple[str, str, str]] | None = None, proc_cgroup: str | None = None) -> Path:
+    """The memory cgroup under which `run_in_memory_cgroup` creates its groups: this process's own group in the
+    v1 `memory` hierarchy when one is mounted (the controller then lives there), else in the v2 unified hierarchy.
+
+    Args:
+        mounts: `(fstype, mountpoint, options)` rows instead of the machine's mount table (tests).
+        proc_cgroup: the text of `/proc/self/cgroup` instead of the real one (tests).
+
+    Returns:
+        The group's directory; `cgroup_version(path)` tells which interface its files follow.
 
     Raises:
-        CgroupUnavailableError: no v1 memory controller is mounted, or this process may not create groups in it.
+        CgroupUnavailableError: no memory controller is mounted, or this process may not create groups in it.
     """
-    mounts = [p for p in psutil.disk_partitions(all=True) if p.fstype == "cgroup" and "memory" in p.opts.split(",")]
-    if not mounts:
+    mounts = _mount_table() if mounts is None else mounts
+    if proc_cgroup is None:
+        with open("/proc/self/cgroup") as f:
+            proc_cgroup = f.read()
+    own_v1, own_v2 = _own_paths(proc_cgroup)
+    v1 = [m for fstype, m, opts in mounts if fstype == "cgroup" and "memory" in opts.split(",")]
+    v2 = [m for fstype, m, _ in mounts if fstype == "cgroup2"]
+    if v1:
+        group = Path(v1[0]) / (own_v1 or "/").lstrip("/")
+        if not (group / "memory.limit_in_bytes").exists() or not os.access(group, os.W_OK):
+            raise CgroupUnavailableError(
+                f"cgroup v1: the memory group {group} is missing or not writable by uid {os.getuid()}; run as root "
+                f"or delegate it"
+            )
+        return group
+    if not v2:
         raise CgroupUnavailableError(
-            "no cgroup v1 memory controller is mounted (checked the mount table); the 'RAM limit' mode needs one"
+            "no memory cgroup is mounted (no cgroup v1 memory hierarchy, no cgroup2 in the mount table); "
+            "`--ramlimit` needs one"
         )
-    mount = Path(mounts[0].mountpoint)
-    own = "/"
-    with open("/proc/self/cgroup") as f:
-        for line in f:
-            _, controllers, path = line.rstrip("\n").split(":", 2)
-            if "memory" in controllers.split(","):
-                own = path
-    group = mount / own.lstrip("/")
-    if not (group / "memory.limit_in_bytes").exists() or not os.access(group, os.W_OK):
+    group = Path(v2[0]) / (own_v2 or "/").lstrip("/")
+    if not (group / "cgroup.controllers").exists() or not os.access(group, os.W_OK):
         raise CgroupUnavailableError(
-            f"the memory cgroup {group} is missing or not writable by uid {os.getuid()}; run as root or delegate it"
+            f"cgroup v2: the group {group} is missing or not writable by uid {os.getuid()}; run as root or in a "
+            f"delegated group (systemd-run --user --scope -p Delegate=yes ...)"
         )
-    return group
+    return _v2_parent(group)
 
 
 @dataclass
@@ -221,9 +300,11 @@ class CgroupRunResult:
     Args:
         completed: the finished process (return code, and output when captured).
         limit_bytes: the limit that applied.
-        max_usage_bytes: `memory.max_usage_in_bytes`: the group's peak charge, page cache included.
-        failcnt: how many times the group hit its limit (reclaim was forced).
-        oom_kills: processes the kernel OOM-killed in the group (-1 when the kernel does not report it).
+        max_usage_bytes: the group's peak charge, page cache included (v1 `memory.max_usage_in_bytes`, v2
+            `memory.peak`; -1 on a v2 kernel older than 5.19, which keeps no peak).
+        failcnt: how many times the group hit its limit (v1 `memory.failcnt`, v2 `max` of `memory.events`).
+        oom_kills: processes the kernel OOM-killed in the group (`oom_kill`; -1 when the kernel does not report it).
+        cgroup_version: 1 or 2.
     """
 
     completed: subprocess.CompletedProcess
@@ -231,6 +312,12 @@ class CgroupRunResult:
     max_usage_bytes: int
     failcnt: int
     oom_kills: int
+    cgroup_version: int = 1
+
+
+# The files of each interface: the limit written, the peak read back.
+_LIMIT_FILE = {1: "memory.limit_in_bytes", 2: "memory.max"}
+_PEAK_FILE = {1: "memory.max_usage_in_bytes", 2: "memory.peak"}
 
 
 def _read_int(path: Path) -> int:
@@ -240,14 +327,27 @@ def _read_int(path: Path) -> int:
         return -1
 
 
-def _oom_kills(group: Path) -> int:
+def _read_keyed(path: Path, key: str) -> int:
+    """The value of `key` in a flat-keyed cgroup file (`memory.events`, `memory.oom_control`); -1 if absent."""
     try:
-        for line in (group / "memory.oom_control").read_text().splitlines():
-            if line.startswith("oom_kill "):
-                return int(line.split()[1])
-    except OSError:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    except (OSError, ValueError):
         pass
     return -1
+
+
+def group_usage(group: Path, version: int | None = None) -> tuple[int, int, int]:
+    """`(peak bytes, times the limit was hit, OOM kills)` of a memory group, -1 for what the kernel does not
+    report (see `CgroupRunResult`)."""
+    version = cgroup_version(group) if version is None else version
+    peak = _read_int(group / _PEAK_FILE[version])
+    if version == 1:
+        return peak, _read_int(group / "memory.failcnt"), _read_keyed(group / "memory.oom_control", "oom_kill")
+    events = group / "memory.events"
+    return peak, _read_keyed(events, "max"), _read_keyed(events, "oom_kill")
 
 
 def run_in_memory_cgroup(
@@ -259,12 +359,12 @@ def run_in_memory_cgroup(
     text: bool = True,
     **popen_kwargs,
 ) -> CgroupRunResult:
-    """Run `cmd` in a fresh child of this process's cgroup v1 memory group, limited to `limit_bytes`.
+    """Run `cmd` in a fresh child of this process's memory cgroup (v1 or v2), limited to `limit_bytes`.
 
     The child group's limit covers anonymous memory and page cache (mapped or not) charged to it, so a model
     larger than the limit has to be read from disk again, as on a machine with that much RAM. There is no swap
-    limit (`memsw`): on a machine with swap, anonymous memory may still be swapped out. The group is removed
-    afterwards.
+    limit (v1 `memsw`, v2 `memory.swap.max` are left alone): on a machine with swap, anonymous memory may still be
+    swapped out. The group is removed afterwards.
 
     Args:
         cmd: the command and its arguments.
@@ -276,14 +376,16 @@ def run_in_memory_cgroup(
         A `CgroupRunResult` with the completed process and the group's peak usage.
 
     Raises:
-        CgroupUnavailableError: cgroup v1 memory groups cannot be created here.
+        CgroupUnavailableError: memory groups cannot be created here.
     """
     if limit_bytes <= 0:
         raise ValueError(f"limit_bytes must be > 0, got {limit_bytes}")
-    group = find_memory_cgroup() / f"hf_moe_offload-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    parent = find_memory_cgroup()
+    version = cgroup_version(parent)
+    group = parent / f"hf_moe_offload-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         group.mkdir()
-        (group / "memory.limit_in_bytes").write_text(str(limit_bytes))
+        (group / _LIMIT_FILE[version]).write_text(str(limit_bytes))
     except OSError as err:
         raise CgroupUnavailableError(f"cannot create a memory cgroup under {group.parent}: {err}") from err
     procs = str(group / "cgroup.procs")
@@ -301,12 +403,14 @@ def run_in_memory_cgroup(
             preexec_fn=enter_group,
             **popen_kwargs,
         )
+        peak, failcnt, oom_kills = group_usage(group, version)
         return CgroupRunResult(
             completed=completed,
             limit_bytes=limit_bytes,
-            max_usage_bytes=_read_int(group / "memory.max_usage_in_bytes"),
-            failcnt=_read_int(group / "memory.failcnt"),
-            oom_kills=_oom_kills(group),
+            max_usage_bytes=peak,
+            failcnt=failcnt,
+            oom_kills=oom_kills,
+            cgroup_version=version,
         )
     finally:
         _remove_group(group)

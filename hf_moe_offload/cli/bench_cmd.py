@@ -7,13 +7,14 @@ MODEL | --synth PRESET (real per-layer shapes, depth scaled to --max-disk, cache
   --> configs: memory, accelerate@B, offload@B, offload@B-<ablation>  for each budget B of --budgets
   --> points:  latency (batch 1: TTFT, p50/p90 decode step), throughput@N (tokens/s at batch N)
   --> reps x configs, interleaved, each a fresh worker process (bench.scenario_bench / scenario_worker)
-  --> medians, x accelerate, x memory, lower bound per step (bench.scenario_report) --> tables, one JSON line
+  --> medians, x accelerate, x memory, lower bound per step (bench.scenario_report) --> tables, or `--json`
 ```
 Page cache: `--cache cold` (default) evicts the checkpoint (and accelerate's offload folder) before every point and
 every decode step, outside the timed region; `--cache warm` never evicts; `--ramlimit` runs each worker in a memory
-cgroup of its budget + `--overhead` (the honest small-machine case, DESIGN.md section 8). The final JSON line's keys
-are documented in docs/benchmarks.md. Exit status 0 when every run produced results, 1 when some failed, 2 on a
-typed library error.
+cgroup (v1 or v2) of its budget + `--overhead`: the honest small-machine case, where the kernel must drop the
+checkpoint's pages (and any mmap of them) to stay under the limit. `--json` prints one JSON document whose keys are
+documented in docs/benchmarks.md (`--json-out FILE` writes it to a file as well). Exit status 0 when every run
+produced results, 1 when some failed, 2 on bad input or a typed library error.
 """
 
 from __future__ import annotations
@@ -23,12 +24,21 @@ import dataclasses
 import json
 import os
 import platform
-import sys
 import time
 
 from ..config import OffloadConfig, format_bytes, parse_budget
 from ..errors import OffloadConfigError
-from .args import add_offload_args
+from .args import (
+    DTYPES,
+    UsageError,
+    add_offload_args,
+    add_output_args,
+    check_file,
+    check_positive,
+    emit,
+    note,
+    progress_enabled,
+)
 
 __all__ = ["add_parser", "main"]
 
@@ -57,9 +67,15 @@ def add_parser(sub) -> None:
     g.add_argument("--scenario", default="latency,throughput", help="comma-separated: latency, throughput")
     g.add_argument("--batches", default="1,8,32", help="batch sizes of the throughput scenario (default 1,8,32)")
     g.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per sequence (default 32)")
-    g.add_argument("--new-tokens", type=int, default=16, help="tokens generated per sequence (default 16)")
+    g.add_argument("--max-new-tokens", type=int, default=16, help="tokens generated per sequence, exactly (default 16)")
+    g.add_argument("--new-tokens", dest="max_new_tokens", type=int, help=argparse.SUPPRESS)  # the 0.1 name
     g.add_argument("--budgets", default="25,50", help="expert budgets: percents of expert bytes or amounts (2GiB)")
-    g.add_argument("--baselines", default="memory,accelerate", help="memory, accelerate (comma-separated) or none")
+    g.add_argument(
+        "--baselines",
+        default="memory,accelerate",
+        help="comma-separated: memory, accelerate, llamacpp (bf16, q8_0 and q4_k_m GGUFs; or llamacpp-q8_0 for one: "
+        "needs the llamacpp extra, teacher-forces every contender) or none",
+    )
     g.add_argument(
         "--ablate",
         default="",
@@ -78,14 +94,14 @@ def add_parser(sub) -> None:
     )
     g.add_argument("--reps", type=int, default=3, help="interleaved repetitions per configuration (default 3)")
     g.add_argument("--threads", type=int, default=1, help="torch threads per worker; 0 = torch's default (default 1)")
-    g.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float16 or float32")
+    g.add_argument("--dtype", default="auto", choices=DTYPES, help="compute dtype (default: the checkpoint's)")
     g.add_argument("--sample", action="store_true", help="seeded sampling instead of greedy decoding")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seed of the prompts and of sampling (default 0)")
     g.add_argument("--timeout", type=float, default=1800, help="seconds per worker run (default 1800)")
     g.add_argument("--bandwidth-bytes", default="512MiB", help="bytes read per bandwidth sample (default 512MiB)")
     g.add_argument("--in-process", action="store_true", help="run in this process (tests, debugging; no cgroup)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--json-out", help="also write the JSON record to this file")
+    add_output_args(p)
     add_offload_args(p)
     p.set_defaults(func=main)
 
@@ -103,8 +119,6 @@ def _offload_overrides(args: argparse.Namespace, device: str) -> dict:
 
 
 def _resolve_model(args: argparse.Namespace) -> tuple[str, dict | None]:
-    if bool(args.model) == bool(args.synth):
-        raise SystemExit("bench: give a model folder or --synth PRESET (not both)")
     if args.model:
         from ..integration.plan import resolve_folder
 
@@ -115,7 +129,11 @@ def _resolve_model(args: argparse.Namespace) -> tuple[str, dict | None]:
     if max_disk is None:
         raise OffloadConfigError(f"--max-disk: expected an amount such as 4GiB, got {args.max_disk!r}")
     folder, info = synthesize_preset(
-        args.synth, max_disk=max_disk, num_layers=args.synth_layers, root=args.synth_dir, progress=not args.no_progress
+        args.synth,
+        max_disk=max_disk,
+        num_layers=args.synth_layers,
+        root=args.synth_dir,
+        progress=progress_enabled(args),
     )
     return str(folder), info
 
@@ -173,7 +191,38 @@ def _measure_limits(model_dir: str, dtype: str, device: str, nbytes: int):
     )
 
 
+def _check(args: argparse.Namespace) -> tuple[list[int], int, int]:
+    """Every value the user typed that needs no model: `(batches, overhead bytes, bandwidth sample bytes)`."""
+    if bool(args.model) == bool(args.synth):
+        raise UsageError("give a model folder or --synth PRESET (not both)")
+    try:
+        batches = [int(b) for b in _csv(args.batches)]
+    except ValueError:
+        raise UsageError(f"--batches: expected comma-separated integers such as 1,8,32, got {args.batches!r}") from None
+    if not batches or min(batches) < 1:
+        raise UsageError(f"--batches: expected batch sizes >= 1, got {args.batches!r}")
+    for value, flag in ((args.prompt_len, "--prompt-len"), (args.max_new_tokens, "--max-new-tokens")):
+        check_positive(value, flag)
+    check_positive(args.reps, "--reps")
+    check_positive(args.threads, "--threads", minimum=0)
+    check_positive(args.synth_layers, "--synth-layers")
+    if args.timeout <= 0:
+        raise UsageError(f"--timeout: expected seconds > 0, got {args.timeout}")
+    check_file(args.replay, "--replay")
+    overhead = parse_budget(args.overhead, "--overhead").nbytes or 0
+    sample_bytes = parse_budget(args.bandwidth_bytes, "--bandwidth-bytes").nbytes
+    if sample_bytes is None:
+        raise UsageError(f"--bandwidth-bytes: expected an amount such as 512MiB, got {args.bandwidth_bytes!r}")
+    if args.synth:
+        parse_budget(args.max_disk, "--max-disk")
+    if args.safety_limit.strip().lower() != "none":
+        parse_budget(args.safety_limit, "--safety-limit")
+    return batches, overhead, sample_bytes
+
+
 def main(args: argparse.Namespace) -> int:
+    batches, overhead, sample_bytes = _check(args)
+
     import torch
     import transformers
 
@@ -187,31 +236,38 @@ def main(args: argparse.Namespace) -> int:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     overrides = _offload_overrides(args, device)
-    overhead = parse_budget(args.overhead, "--overhead").nbytes or 0
-    model_dir, synth = _resolve_model(args)
-    sizes = checkpoint_bytes(model_dir)
+    budgets, ablations = _csv(args.budgets), _csv(args.ablate)
     baselines = [b for b in _csv(args.baselines) if b != "none"]
-    if "memory" in baselines and not _memory_fits(sizes, overhead):
-        print(f"bench: the memory baseline is skipped: {format_bytes(sizes['total'])} does not fit in free RAM")
-        baselines.remove("memory")
-    configs = make_configs(
-        _csv(args.budgets), baselines=baselines, ablations=_csv(args.ablate), offload=overrides, device=device
-    )
-    points = make_points(_csv(args.scenario), [int(b) for b in _csv(args.batches)], args.prompt_len, args.new_tokens)
+    # Validate budgets, baselines, ablations and scenarios before a model is synthesized or measured.
+    make_configs(budgets, baselines=baselines, ablations=ablations, offload=overrides, device=device)
+    points = make_points(_csv(args.scenario), batches, args.prompt_len, args.max_new_tokens)
     if args.replay:
         points, notes = _replay_points(points, args.replay)
-        for note in notes:
-            print(f"bench: {note}")
+        for message in notes:
+            note("bench", message)
     mode = "ramlimit" if args.ramlimit else args.cache
+    if mode == "ramlimit" and not args.in_process:
+        from ..bench.sysmem import CgroupUnavailableError, find_memory_cgroup
+
+        try:
+            find_memory_cgroup()  # no usable cgroup (v1 or v2): fail now, not after the model is ready
+        except CgroupUnavailableError as err:
+            raise UsageError(f"--ramlimit: {err}") from None
     safety = _safety_bytes(args.safety_limit) if mode != "ramlimit" and not args.in_process else None
 
-    print(
+    model_dir, synth = _resolve_model(args)
+    sizes = checkpoint_bytes(model_dir)
+    if "memory" in baselines and not _memory_fits(sizes, overhead):
+        note("bench", f"the memory baseline is skipped: {format_bytes(sizes['total'])} does not fit in free RAM")
+        baselines.remove("memory")
+    configs = make_configs(budgets, baselines=baselines, ablations=ablations, offload=overrides, device=device)
+    note(
+        "bench",
         f"model {model_dir}: {format_bytes(sizes['total'])}, experts {format_bytes(sizes['expert'])}"
-        + (f" (synthetic {synth['preset']}, {synth['layers']} of {synth['real_layers']} layers)" if synth else "")
+        + (f" (synthetic {synth['preset']}, {synth['layers']} of {synth['real_layers']} layers)" if synth else ""),
     )
-    sample_bytes = parse_budget(args.bandwidth_bytes, "--bandwidth-bytes").nbytes
     limits = _measure_limits(model_dir, args.dtype, device, sample_bytes)
-    print(f"limits: {limits.describe()}")
+    note("bench", f"limits: {limits.describe()}")
     runs = run_scenarios(
         model_dir,
         configs,
@@ -229,14 +285,12 @@ def main(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         in_process=args.in_process,
         safety_bytes=safety,
-        progress=not args.no_progress,
+        progress=progress_enabled(args),
     )
     # The shared disk drifts: one more sample after the runs, and the fastest one is the denominator.
     limits.add_disk_sample(measure_read_bandwidth(model_dir, block=_BLOCK, max_bytes=sample_bytes)[0])
     results = summarise(runs, configs, points, limits, mode)
     config_info = summarise_configs(runs, configs, sizes)
-    print()
-    print(format_tables(results, points, config_info, limits=limits, mode=mode))
     import hf_moe_offload
 
     record = {
@@ -266,11 +320,9 @@ def main(args: argparse.Namespace) -> int:
             "python": platform.python_version(),
         },
     }
-    line = json.dumps(record)
     if args.json_out:
         with open(args.json_out, "w", encoding="utf-8") as f:
-            f.write(line + "\n")
-    print(line)
-    sys.stdout.flush()
+            f.write(json.dumps(record) + "\n")
+    emit(args, record, format_tables(results, points, config_info, limits=limits, mode=mode))
     failed = any(s["runs_ok"] < s["runs"] for table in results.values() for s in table.values())
     return 1 if failed else 0

@@ -1,21 +1,24 @@
 """`hf-moe-offload inspect PATH`: a checkpoint's MoE layout and whether hf_moe_offload supports it.
 
 Builds the model on the meta device and reads only the safetensors headers, so it is instant for any size.
+Prints a table, or with `--json` one JSON document (`path`, `model_type`, `architecture`, `supported`, and either
+`reason` or the layout and topology). Exit status 1 when the checkpoint is not supported.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 
 from ..config import format_bytes
+from .args import add_output_args, emit
 
 __all__ = ["add_parser", "main", "inspect_path"]
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("inspect", help="show a checkpoint's MoE layout and support", description=__doc__)
-    p.add_argument("model", help="model folder")
+    p.add_argument("model", help="model folder (or a model id already in the Hugging Face cache)")
+    add_output_args(p)
     p.set_defaults(func=main)
 
 
@@ -47,8 +50,9 @@ def inspect_path(path: str) -> dict:
 
 def main(args: argparse.Namespace) -> int:
     info = inspect_path(args.model)
+    rows = []
     for k, v in info.items():
         shown = format_bytes(v) if k.endswith("bytes") and isinstance(v, int) else v
-        print(f"{k:<20} {shown}")
-    print(json.dumps(info))
+        rows.append(f"{k:<20} {shown}")
+    emit(args, info, "\n".join(rows))
     return 0 if info.get("supported") else 1

@@ -6,7 +6,7 @@ hardware profile (bandwidths, expert t(n) = a+bn) -+--> per batch size B:
 routing (uniform, or a recorded trace) ------------+      distinct experts d(B) per layer -> tokens per expert B*k/d
 memory budget, latency limit ----------------------+      cache slots C (memory left after dense weights and KV)
                                                           hit rate h(C) -> misses d*(1-h) -> transfer time
-                                                          d*a + b*B*k + dense(B)/L         -> compute time
+                                                          d*a + b*B*k + (dense(B)+o)/L     -> compute time
                                                           layer = lower_bound: max(compute, bytes / bandwidth)
                                                           step = sum over layers; tokens/s = B / step
                                                      --> the feasible B with the most tokens/s -> Plan
@@ -18,7 +18,8 @@ cost is MoE-Lightning's hierarchical roofline: the max over disk reads, host -> 
 accelerator compute; a missed expert is computed on the CPU when that beats copying it (Fiddler,
 `place_expert`). The hit rate comes from a mean-field model of LRU over `L * E` experts (`expected_lru_hit_rate`);
 a measured hit rate or a measured distinct-experts curve (`distinct_from_trace`) replaces the model's guess.
-Formulas and assumptions: docs/planner.md.
+`o` is the profile's measured fixed cost of a step (`step_overhead_s`: Python, kernel launches, the generate loop),
+which dominates small models. Formulas and assumptions: docs/planner.md.
 """
 
 from __future__ import annotations
@@ -192,7 +193,7 @@ def lower_bound(
     """The roofline: `max(compute, read bytes / read bandwidth, h2d bytes / h2d bandwidth)` over the known terms.
 
     A step (or one layer of it) cannot be faster than its computation, nor than the time its bytes take to arrive
-    (DESIGN.md section 6). `estimate_step` costs each layer with it; `hf-moe-offload bench` divides it by the
+    (docs/planner.md). `estimate_step` costs each layer with it; `hf-moe-offload bench` divides it by the
     measured step (`efficiency`). Returns None when no term is known.
     """
     terms = [compute_s] if compute_s is not None else []
@@ -241,7 +242,8 @@ def estimate_step(
     mean_d = sum(distinct) / L
     on_device = profile.has_device if on_device is None else on_device and profile.has_device
     h = expected_lru_hit_rate(compute_slots, L, E, mean_d) if hit_rate is None else hit_rate
-    dense = _dense_step_s(shape, profile, batch, seq_bytes, on_device) / L
+    # The measured fixed cost of a step (Python, launches: see HardwareProfile.step_overhead_s), spread over layers.
+    dense = (_dense_step_s(shape, profile, batch, seq_bytes, on_device) + profile.step_overhead_s) / L
     cpu, placement = profile.cpu_fit, "cpu"
     transfer, compute, layers, serial = [], [], [], 0.0
     for d in distinct:

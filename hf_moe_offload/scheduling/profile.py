@@ -17,7 +17,7 @@ what the hardware can do, the median what the neighbours leave over (see docs/pl
 The planner (`planner.plan`) and `hf-moe-offload bench` (its lower bound per step, the `limits` of its JSON line)
 both read this profile: there is one read-bandwidth measurement (`measure_read_bandwidth`, with its eviction
 `evict_page_cache`) and one host -> device measurement (`measure_h2d_bandwidth`). Cold reads evict first; a file
-that a live `mmap` maps stays cached whatever we advise (DESIGN.md section 8), so measure files no other process
+that a live `mmap` maps stays cached whatever we advise (`DONTNEED` skips mapped pages), so measure files no other process
 maps, or pass the bandwidth yourself. This module never initialises CUDA unless asked for a CUDA profile.
 """
 
@@ -102,6 +102,10 @@ class HardwareProfile:
         device_mem_Bps: accelerator memory bandwidth, or None.
         device_fit: expert time on the accelerator, or None.
         meta: how it was measured (threads, torch version, sources).
+        step_overhead_s: time of one batch-1 decode step that the roofline terms (expert FLOPs, dense weights
+            streamed, bytes read) miss: Python, kernel launches, the router and expert loop, the generate loop.
+            Measured on the model itself by `hf-moe-offload plan` (calibration); 0 when not measured. On a tiny
+            model it is most of the step.
     """
 
     expert_nbytes: int
@@ -118,6 +122,7 @@ class HardwareProfile:
     device_fit: LinearFit | None = None
     disk_samples_Bps: list[float] = field(default_factory=list)
     meta: dict = field(default_factory=dict)
+    step_overhead_s: float = 0.0
 
     @property
     def has_device(self) -> bool:

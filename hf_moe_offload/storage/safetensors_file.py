@@ -9,7 +9,8 @@ File format: 8-byte little-endian header length N, N bytes of UTF-8 JSON `{name:
 2. header JSON: the N bytes are valid UTF-8 and one JSON object (no NaN/Infinity, no duplicate keys*).
 3. `__metadata__`, when present (and not null): a JSON object mapping strings to strings.
 4. tensor entry: every other key maps to an object with exactly* the keys `dtype`, `shape`, `data_offsets`.
-5. dtype: a string safetensors knows (`DTYPE_BITS`: BOOL, U8/I8 ... F64/C64, F8 variants, F4 and F6 sub-byte types).
+5. dtype: a string the installed safetensors knows (asked of its own parser: BOOL, U8/I8 ... F64/C64, F8 variants,
+   F4 and F6 sub-byte types), its bits per element read from the name (`DTYPE_BITS`).
 6. shape: a list of non-negative integers (no bools, floats, strings or nulls), element count below 2**64.
 7. data_offsets: a list of exactly 2 non-negative integers `[begin, end]` with begin <= end.
 8. byte size: bits(dtype) x elements is a whole number of bytes (sub-byte dtypes) equal to end - begin.
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from dataclasses import dataclass
 
@@ -34,33 +36,53 @@ import torch
 
 from ..errors import CorruptCheckpointError, MissingShardError, UnsupportedLayoutError
 
-__all__ = ["TensorInfo", "SafetensorsHeader", "read_header", "checkpoint_files", "DTYPES", "DTYPE_BITS"]
+__all__ = [
+    "TensorInfo",
+    "SafetensorsHeader",
+    "read_header",
+    "checkpoint_files",
+    "safetensors_dtypes",
+    "DTYPES",
+    "DTYPE_BITS",
+]
 
-# Bits per element of every dtype safetensors (0.8) knows; F4 and F6_* are packed sub-byte types.
-DTYPE_BITS: dict[str, int] = {
-    "BOOL": 8,
-    "F4": 4,
-    "F6_E2M3": 6,
-    "F6_E3M2": 6,
-    "U8": 8,
-    "I8": 8,
-    "F8_E5M2": 8,
-    "F8_E4M3": 8,
-    "F8_E8M0": 8,
-    "F8_E4M3FNUZ": 8,
-    "F8_E5M2FNUZ": 8,
-    "I16": 16,
-    "U16": 16,
-    "F16": 16,
-    "BF16": 16,
-    "I32": 32,
-    "U32": 32,
-    "F32": 32,
-    "C64": 64,
-    "F64": 64,
-    "I64": 64,
-    "U64": 64,
-}
+# The dtypes of safetensors 0.8, used only if the installed safetensors' parser stops listing its own (see below).
+_SAFETENSORS_08_DTYPES = tuple(
+    "BOOL F4 F6_E2M3 F6_E3M2 U8 I8 F8_E5M2 F8_E4M3 F8_E8M0 F8_E4M3FNUZ F8_E5M2FNUZ I16 U16 F16 BF16 I32 U32 F32 C64 F64 "
+    "I64 U64".split()
+)
+
+
+def safetensors_dtypes() -> tuple[str, ...]:
+    """The dtype names the installed safetensors reads, in its own order.
+
+    Asked of safetensors itself: its parser refuses an unknown dtype with "unknown variant `?`, expected one of
+    `BOOL`, `F4`, ...". Falls back to the dtypes of safetensors 0.8 if that message changes form.
+    """
+    import safetensors
+
+    header = json.dumps({"t": {"dtype": "?", "shape": [0], "data_offsets": [0, 0]}}).encode()
+    try:
+        safetensors.deserialize(struct.pack("<Q", len(header)) + header)
+    except Exception as e:  # noqa: BLE001 - the refusal is the answer
+        listed = str(e).partition("expected one of")[2]
+        names = re.findall(r"`([A-Z][A-Z0-9_]*)`", listed.partition(" at line")[0])
+        if names:
+            return tuple(names)
+    return _SAFETENSORS_08_DTYPES
+
+
+def _dtype_bits(name: str) -> int | None:
+    """Bits per element, from the name as safetensors writes it: the number after the kind letters (`BF16`: 16,
+    `F8_E4M3`: 8, `F4`: 4, `C64`: 64); `BOOL` takes a byte. None for a name of another form."""
+    if name == "BOOL":
+        return 8
+    m = re.match(r"[A-Z]+?(\d+)(_|$)", name)
+    return int(m.group(1)) if m else None
+
+
+# Bits per element of every dtype the installed safetensors knows (F4 and F6_* are packed sub-byte types).
+DTYPE_BITS: dict[str, int] = {n: b for n in safetensors_dtypes() if (b := _dtype_bits(n)) is not None}
 _TORCH_NAMES = {
     "BOOL": "bool",
     "U8": "uint8",

@@ -2,6 +2,7 @@
 
 Everything runs on tiny in-process models; `bench` runs its workers in this process (`--in-process`) except one
 test that checks the subprocess path once. The JSON keys are checked against the tables in docs/benchmarks.md.
+Startup, `--version`, one-line errors and early checks are in test_main.py; `run` in test_run.py.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ TINY_BENCH = [
     "--in-process",
     "--reps",
     "1",
-    "--new-tokens",
+    "--max-new-tokens",
     "3",
     "--prompt-len",
     "4",
@@ -41,10 +42,6 @@ def _documented(section: str) -> set[str]:
     block = text[start : end if end > 0 else None]
     first_cells = re.findall(r"^\| (`[^|]+`) \|", block, flags=re.M)
     return {key for cell in first_cells for key in re.findall(r"`([A-Za-z0-9_]+)`", cell)}
-
-
-def _last_json(out: str) -> dict:
-    return json.loads(out.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
@@ -102,12 +99,15 @@ def test_bench_arguments_parse_with_documented_defaults():
     ]
 
 
-def test_bench_emits_tables_then_one_json_line_with_the_documented_keys(mixtral_dir, capsys):
-    code = cli(["bench", mixtral_dir, *TINY_BENCH, "--batches", "2", "--budgets", "50", "--ablate", "prefetch"])
+def test_bench_prints_tables_and_writes_the_json_record_with_the_documented_keys(mixtral_dir, tmp_path, capsys):
+    json_out = tmp_path / "bench.json"
+    argv = ["bench", mixtral_dir, *TINY_BENCH, "--batches", "2", "--budgets", "50", "--ablate", "prefetch"]
+    code = cli([*argv, "--json-out", str(json_out)])
     out = capsys.readouterr().out
     assert code == 0, out
     assert "latency: batch 1" in out and "throughput@2: batch 2" in out
-    record = _last_json(out)
+    assert not out.lstrip().startswith("{") and "limits:" not in out  # the notes went to stderr
+    record = json.loads(json_out.read_text())
     assert set(record) == _documented("### Top-level keys")
     assert set(record["limits"]) == _documented("### `limits`")
     assert list(record["results"]) == ["latency", "throughput@2"]
@@ -131,8 +131,10 @@ def test_bench_emits_tables_then_one_json_line_with_the_documented_keys(mixtral_
 
 def test_bench_worker_runs_in_a_fresh_process(mixtral_dir, capsys):
     args = [a for a in TINY_BENCH if a != "--in-process"]
-    code = cli(["bench", mixtral_dir, *args, "--scenario", "latency", "--baselines", "none", "--budgets", "50"])
-    record = _last_json(capsys.readouterr().out)
+    code = cli(
+        ["bench", mixtral_dir, *args, "--scenario", "latency", "--baselines", "none", "--budgets", "50", "--json"]
+    )
+    record = json.loads(capsys.readouterr().out)
     assert code == 0 and record["results"]["latency"]["offload@50%"]["runs_ok"] == 1
 
 
@@ -170,11 +172,12 @@ def test_bench_replays_a_recorded_routing(mixtral_dir, mixtral_model, tmp_path, 
             "1,2",
             "--replay",
             str(tmp_path / "r.npz"),
+            "--json",
         ]
     )
-    out = capsys.readouterr().out
-    record = _last_json(out)
-    assert code == 0 and "throughput@2: skipped" in out
+    captured = capsys.readouterr()
+    record = json.loads(captured.out)
+    assert code == 0 and "throughput@2: skipped" in captured.err
     assert [p["key"] for p in record["points"]] == ["latency", "throughput@1"]
     assert record["points"][0]["prompt_len"] == 5 and record["replay"].endswith("r.npz")
     assert record["results"]["latency"]["offload@50%"]["tokens_match_memory"] is True
@@ -196,12 +199,14 @@ def test_trace_writes_a_perfetto_json_a_png_and_a_routing_trace(mixtral_dir, tmp
             str(routing),
             "--host-budget",
             "50%",
+            "--json",
         ]
     )
     out = capsys.readouterr().out
     assert code == 0
-    record = _last_json(out)
-    assert "bubble fraction" in out and 0 <= record["bubble_fraction"] <= 1 and 0 <= record["overlap"] <= 1
+    record = json.loads(out)  # the whole of stdout is one JSON document
+    assert record["timeline_png"] == str(out_dir / "timeline.png")
+    assert 0 <= record["bubble_fraction"] <= 1 and 0 <= record["overlap"] <= 1
     trace = json.loads((out_dir / "timeline.json").read_text())
     spans = [e for e in trace["traceEvents"] if e["ph"] == "X"]
     assert spans and all(isinstance(e["ts"], (int, float)) and e["dur"] >= 0 and e["name"] for e in spans)
@@ -239,6 +244,7 @@ def test_trace_at_a_batch_replays_at_every_smaller_batch(tiny_with_tokenizer, tm
         ]
     )
     assert code == 0
+    assert "bubble fraction" in capsys.readouterr().out  # the table for people
     from hf_moe_offload.prefetch.trace import RoutingTrace
 
     recorded = RoutingTrace.load(str(routing))
@@ -261,11 +267,12 @@ def test_trace_at_a_batch_replays_at_every_smaller_batch(tiny_with_tokenizer, tm
             "1,2,4",
             "--replay",
             str(routing),
+            "--json",
         ]
     )
-    out = capsys.readouterr().out
-    record = _last_json(out)
-    assert code == 0 and "throughput@4: skipped" in out, out
+    captured = capsys.readouterr()
+    record = json.loads(captured.out)
+    assert code == 0 and "throughput@4: skipped" in captured.err, captured.err
     assert [p["key"] for p in record["points"]] == ["throughput@1", "throughput@2"]
     for key in ("throughput@1", "throughput@2"):
         assert record["results"][key]["offload@50%"]["tokens_match_memory"] is True
@@ -292,9 +299,12 @@ def test_timeline_metrics_define_bubble_fraction_and_overlap():
 
 
 def test_inspect_a_tiny_checkpoint(mixtral_dir, capsys):
-    assert cli(["inspect", mixtral_dir]) == 0
-    info = _last_json(capsys.readouterr().out)
+    assert cli(["inspect", mixtral_dir, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
     assert info["supported"] is True and info["model_type"] == "mixtral" and info["layout"] == "fused"
+    assert cli(["inspect", mixtral_dir]) == 0
+    table = capsys.readouterr().out
+    assert table.startswith("path ") and "model_type           mixtral" in table  # a table, not JSON
 
 
 def test_run_json_prints_one_record(tiny_with_tokenizer, capsys):
@@ -338,3 +348,26 @@ def test_synthetic_presets_keep_real_layer_shapes_and_scale_depth():
     )
     with pytest.raises(UnknownNameError, match="olmoe-1b-7b"):
         preset_config("gpt-5")
+
+
+@pytest.mark.slow
+def test_trace_without_matplotlib_writes_the_json_timeline_and_says_so(tmp_path):
+    """In a fresh interpreter where `import matplotlib` fails, as without the `bench` extra."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "sys.modules['matplotlib'] = None  # import matplotlib now raises ImportError\n"
+        "from hf_moe_offload.cli.main import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    model = pathlib.Path(__file__).resolve().parents[2] / "models" / "moe-tiny"
+    argv = ["trace", str(model), "--prompt", "hi", "--max-new-tokens", "2", "--out", str(tmp_path / "t"), "--json"]
+    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout)
+    assert record["timeline_png"] is None and not (tmp_path / "t" / "timeline.png").exists()
+    assert json.loads((tmp_path / "t" / "timeline.json").read_text())["traceEvents"]
+    notes = [line for line in proc.stderr.splitlines() if "matplotlib" in line]
+    assert len(notes) == 1 and "JSON timeline only" in notes[0]

@@ -5,6 +5,7 @@ safetensors'; the two rules where hf_moe_offload is stricter (extra keys in an e
 """
 
 import json
+import re
 import struct
 
 import pytest
@@ -15,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from hf_moe_offload.errors import CorruptCheckpointError, UnsupportedLayoutError
 from hf_moe_offload.storage import checkpoint_files, read_header
-from hf_moe_offload.storage.safetensors_file import DTYPE_BITS, DTYPES
+from hf_moe_offload.storage.safetensors_file import _SAFETENSORS_08_DTYPES, DTYPE_BITS, DTYPES, safetensors_dtypes
 from hf_moe_offload.testing import build_tiny, save_checkpoint
 
 A = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
@@ -121,6 +122,20 @@ def test_safetensors_rejects_the_same_files(tmp_path, data):
     path = tmp_path / "bad.safetensors"
     path.write_bytes(data)
     assert _safetensors_rejects(path)
+
+
+def test_the_dtypes_are_those_safetensors_reads(tmp_path):
+    """Asked of safetensors through another door (`safe_open` on a file): every dtype it lists has a size here."""
+    header = {"t": {"dtype": "?", "shape": [0], "data_offsets": [0, 0]}}
+    path = tmp_path / "unknown.safetensors"
+    path.write_bytes(_raw(header, b""))
+    with pytest.raises(Exception, match="expected one of") as e:
+        safe_open(str(path), framework="pt")
+    listed = re.findall(r"`(\w+)`", str(e.value).split("expected one of")[1])
+    assert list(DTYPE_BITS) == listed == list(safetensors_dtypes())
+    assert set(_SAFETENSORS_08_DTYPES) <= set(listed)  # the fallback is no wider than safetensors
+    with pytest.raises(CorruptCheckpointError, match=r"unknown dtype '\?'; expected one of BOOL, F4, .*U64"):
+        read_header(str(path))
 
 
 @pytest.mark.parametrize("name", list(DTYPE_BITS))
