@@ -14,6 +14,8 @@ __all__ = [
     "UnsupportedLayoutError",
     "UnsupportedQuantizationError",
     "BudgetTooSmallError",
+    "BudgetTooLargeError",
+    "ModelNotFoundError",
     "UnknownNameError",
     "MissingShardError",
     "CorruptCheckpointError",
@@ -22,6 +24,9 @@ __all__ = [
     "CheckpointChangedError",
     "ExpertLoadError",
     "ExpertLoadTimeoutError",
+    "SidecarError",
+    "UnsupportedParallelismError",
+    "LlamaCppUnavailableError",
 ]
 
 
@@ -47,6 +52,14 @@ class UnsupportedQuantizationError(OffloadError, ValueError):
 
 class BudgetTooSmallError(OffloadError, ValueError):
     """A memory budget cannot hold the experts one MoE layer needs at once."""
+
+
+class BudgetTooLargeError(OffloadError, ValueError):
+    """A memory budget (in bytes) exceeds the memory the machine, or `max_memory=`, leaves for the experts."""
+
+
+class ModelNotFoundError(OffloadError, FileNotFoundError):
+    """`pretrained_model_name_or_path` is neither a local folder nor a model id that is cached or downloadable."""
 
 
 class UnknownNameError(OffloadError, KeyError):
@@ -80,6 +93,12 @@ class CheckpointChangedError(OffloadError, RuntimeError):
     """
 
 
+class SidecarError(OffloadError, ValueError):
+    """A prepared quantized-experts folder (`hf-moe-offload prepare`) cannot be used for this load: missing, stale
+    (the checkpoint changed since), foreign (another model's packing) or incomplete; the message says how to rebuild it.
+    """
+
+
 class ExpertLoadError(OffloadError, OSError):
     """Reading an expert from an unchanged checkpoint file failed (an I/O error, or fewer bytes than asked).
 
@@ -89,3 +108,13 @@ class ExpertLoadError(OffloadError, OSError):
 
 class ExpertLoadTimeoutError(ExpertLoadError, TimeoutError):
     """An expert was not loaded within the cache's `load_timeout` (a read that hangs, or no slot ever freed)."""
+
+
+class UnsupportedParallelismError(OffloadConfigError):
+    """A `distributed_config` layout that offloaded experts cannot run under yet (tensor parallelism of the experts,
+    pipeline parallelism); the message names the setting and the layouts that work."""
+
+
+class LlamaCppUnavailableError(OffloadError, ImportError):
+    """The llama.cpp baseline of `hf-moe-offload bench` needs `llama-cpp-python` (the `llamacpp` extra) or
+    llama.cpp's GGUF converter, and one of them is missing; the message says how to install it."""

@@ -80,12 +80,25 @@ class KeyTarget:
     interleave: Interleaving | None = None
 
 
-def _check_ops(converter: WeightConverter, model_type: str) -> tuple[int, Interleaving | None]:
+# Ops that dequantize experts stored with scales, and pass a lone weight through unchanged (transformers 5.24,
+# Inkling2Loop): an unquantized checkpoint holds only the first source, which is then the one part.
+_DEQUANTIZE_OR_PASS = ("Inkling2LoopDequantizeExperts",)
+
+
+def _check_ops(converter: WeightConverter, model_type: str, pattern: str) -> tuple[int, Interleaving | None]:
     """Validate that the converter only stacks experts, concatenates on dim 1 and, last, interleaves a dim past the
     expert dim; return the number of parts and the interleaving."""
-    ops, interleave = converter.operations, None
+    ops, interleave, num_parts = converter.operations, None, len(converter.source_patterns)
     for i, op in enumerate(ops):
-        if isinstance(op, Interleave) and op.dim >= 1 and i == len(ops) - 1:
+        if type(op).__name__ in _DEQUANTIZE_OR_PASS and i == 0:
+            if pattern != converter.source_patterns[0]:
+                raise UnsupportedLayoutError(
+                    f"{model_type}: the checkpoint's expert weights are quantized ({pattern!r} holds scales) and need "
+                    f"{type(op).__name__}; hf_moe_offload reads unquantized experts of this model only. Load it "
+                    f"normally once and save_pretrained it, then offload the saved copy."
+                )
+            num_parts = 1
+        elif isinstance(op, Interleave) and op.dim >= 1 and i == len(ops) - 1:
             interleave = Interleaving(op.dim - 1, op.inverse)
         elif not ((isinstance(op, MergeModulelist) and op.dim == 0) or (isinstance(op, Concatenate) and op.dim == 1)):
             raise UnsupportedLayoutError(
@@ -94,7 +107,7 @@ def _check_ops(converter: WeightConverter, model_type: str) -> tuple[int, Interl
                 f"concatenation (Concatenate(1)) and a final row interleave past the expert dim (Interleave(dim>=1)). "
                 f"Re-save the model with transformers>=5 (fused layout) to offload it."
             )
-    return len(converter.source_patterns), interleave
+    return num_parts, interleave
 
 
 def resolve_expert_keys(model: nn.Module, checkpoint_keys: list[str], topology: MoETopology) -> dict[str, KeyTarget]:
@@ -138,7 +151,7 @@ def resolve_expert_keys(model: nn.Module, checkpoint_keys: list[str], topology: 
             out[key] = KeyTarget(layer, param, None, 0, 1)
             continue
         converter = by_pattern[pattern]
-        num_parts, interleave = _check_ops(converter, model_type)
+        num_parts, interleave = _check_ops(converter, model_type, pattern)
         part = converter.source_patterns.index(pattern)
         out[key] = KeyTarget(layer, param, expert, part, num_parts, interleave)
     return out

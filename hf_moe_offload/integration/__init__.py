@@ -1,5 +1,6 @@
 """The only layer (with adapters/) that touches transformers internals: hooks, loading, the experts forward."""
 
+from .._import_hook import run_pending
 from .engine import OffloadEngine
 from .experts_forward import IMPLEMENTATION_NAME, offloaded_experts_forward
 from .hooks import install, is_installed, uninstall
@@ -19,3 +20,6 @@ __all__ = [
     "LoadPlan",
     "make_plan",
 ]
+
+# `import hf_moe_offload` promised the hooks; transformers may have been loaded by this package's own imports.
+run_pending()

@@ -17,14 +17,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..adapters import describe_model
 from ..cache import ExpertCache, OffloadStats, make_policy
+from ..cache.mixed import MixedPrecisionCaches
 from ..errors import OffloadStateError, UnsupportedFeatureError
 from ..execution import ExpertFn, run_experts
 from ..prefetch import CorrelationPredictor, Prefetcher, make_predictor
 from ..storage import ExpertStore
+from .distributed import local_topology
 from .experts_forward import HANDLE_ATTR
 from .plan import CORRELATION_FILE, LoadPlan
+from .tiers import SlotPlan, open_store
 
 __all__ = ["OffloadEngine", "LayerHandle", "live_engines"]
 
@@ -67,7 +69,7 @@ class OffloadEngine:
 
     def __init__(self, model: nn.Module, plan: LoadPlan):
         self.plan, self.config, self.folder, self.device = plan, plan.config, plan.folder, plan.device
-        self.topology = describe_model(model)
+        self.topology = local_topology(model, plan.shard)  # the rank's own experts under expert parallelism
         got = [layer.module_name for layer in self.topology.layers]
         if got != [layer.module_name for layer in plan.topology.layers]:
             raise OffloadStateError(
@@ -77,7 +79,7 @@ class OffloadEngine:
         self.layout, self.host_slots, self.device_slots = plan.layout, plan.host_slots, plan.device_slots
         cfg = plan.config
         self.stats = OffloadStats()
-        self.store = ExpertStore(self.layout, cfg.io_mode)
+        self.store = open_store(plan.layout, plan.slots or SlotPlan(plan.layout), cfg.io_mode)
         if cfg.io_mode != "cached":
             self.store.drop_cached()
         self.cache = ExpertCache(
@@ -89,6 +91,7 @@ class OffloadEngine:
             io_threads=cfg.io_threads,
             stats=self.stats,
         )
+        self.mixed = self._make_mixed(plan, cfg)
         self._num_experts = {layer.layer: layer.num_experts for layer in self.topology.layers}
         self.prefetcher = self._make_prefetcher()
         for layer in self.topology.layers:
@@ -96,8 +99,23 @@ class OffloadEngine:
             # Undecorated families get an instance forward that calls run_layer (decorated ones: a no-op).
             layer.adapter.install_forward(layer.module, functools.partial(self.run_layer, layer.layer))
         # The cache's method, not the engine's: the finalizer must not keep the engine alive.
-        self._finalizer = weakref.finalize(self, self.cache.close)
+        self._finalizer = weakref.finalize(self, (self.mixed or self.cache).close)
         _LIVE.add(self)
+
+    def _make_mixed(self, plan: LoadPlan, cfg) -> MixedPrecisionCaches | None:
+        """Mixed precision: a cache of dense experts beside the quantized `self.cache` (see cache/mixed.py)."""
+        if cfg.mixed_precision is None:
+            return None
+        full = ExpertCache(
+            ExpertStore(plan.layout, cfg.io_mode),
+            device=self.device,
+            host_slots=plan.slots.full_precision_slots,
+            device_slots=0,
+            policy_factory=lambda: make_policy(cfg.policy),
+            io_threads=cfg.io_threads,
+            stats=self.stats,
+        )
+        return MixedPrecisionCaches(full, self.cache, cfg.mixed_precision)
 
     def _make_prefetcher(self) -> Prefetcher | None:
         names = self.config.predictor_names
@@ -115,6 +133,9 @@ class OffloadEngine:
         )
 
     # -- the expert loop ---------------------------------------------------------------------------------------------
+    # Opaque to torch.compile: the loop waits on I/O threads and reuses cache slots, which dynamo cannot trace (it
+    # fails on the engine's state); compiled models run it eagerly between their compiled graphs.
+    @torch.compiler.disable
     def run_layer(
         self,
         layer: int,
@@ -132,9 +153,14 @@ class OffloadEngine:
         if self.prefetcher is not None:
             self.prefetcher.on_layer(layer, hidden, top_k_index)
             step = self.prefetcher.step
-        run = functools.partial(
-            run_experts, cache=self.cache, layer=layer, num_experts=self._num_experts[layer], step=step
-        )
+        cache = self.cache
+        if self.mixed is not None:  # each expert's tier follows its largest routing weight in this call
+            n = self._num_experts[layer]
+            importance = torch.zeros(n + 1).scatter_reduce(
+                0, top_k_index.reshape(-1).clamp(0, n), top_k_weights.reshape(-1).float(), "amax"
+            )
+            cache = self.mixed.for_call(dict(enumerate(importance[:n].tolist())))
+        run = functools.partial(run_experts, cache=cache, layer=layer, num_experts=self._num_experts[layer], step=step)
         if not (torch.is_grad_enabled() and (hidden.requires_grad or top_k_weights.requires_grad)):
             return run(hidden, top_k_index, top_k_weights, expert_fn)
         # Slots are reused as soon as an expert is computed, so autograd must not keep them: compute without a
@@ -175,11 +201,19 @@ class OffloadEngine:
     def stats_dict(self) -> dict:
         """Counters (`hits`, `misses`, `evictions`, `bytes_loaded`, `stall_seconds`, ...), memory and layout."""
         out = self.stats.snapshot()
-        out.update(self.cache.memory())
-        out["bytes_per_expert"] = self.layout.slot_nbytes
+        out.update((self.mixed or self.cache).memory())
+        out["bytes_per_expert"] = self.cache.layout.slot_nbytes
+        out["bytes_per_expert_checkpoint"] = self.layout.slot_nbytes
+        slots = self.plan.slots or SlotPlan(self.layout)
+        out["expert_dtype"] = slots.expert_dtype
+        out["read_from"] = "sidecar" if slots.sidecar else "checkpoint"
+        tokens = out["tokens_generated"]
+        out["bytes_loaded_per_token"] = out["bytes_loaded"] / tokens if tokens else None
         out["expert_bytes_total"] = self.topology.total_expert_nbytes
         out["device"] = str(self.device)
         out["policy"] = self.config.policy
+        if self.plan.shard is not None:
+            out["expert_parallel"] = {"rank": self.plan.shard.rank, "size": self.plan.shard.size}
         if self.prefetcher is not None:
             out.update(self.prefetcher.metrics())
         return out

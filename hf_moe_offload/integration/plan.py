@@ -15,6 +15,8 @@ engine from the plan: nothing is computed twice, and every bad input fails here,
 
 from __future__ import annotations
 
+import difflib
+import logging
 import os
 from dataclasses import dataclass, field
 
@@ -26,8 +28,8 @@ from transformers import AutoConfig, PretrainedConfig
 from ..adapters import MoETopology, describe_model, resolve_expert_keys
 from ..cache import make_policy
 from ..config import OffloadConfig, format_bytes
-from ..errors import BudgetTooSmallError, OffloadConfigError, UnsupportedQuantizationError
-from ..prefetch import load_correlation_tables, make_predictor
+from ..errors import BudgetTooSmallError, ModelNotFoundError, OffloadConfigError, UnsupportedQuantizationError
+from ..prefetch import make_predictor
 from ..storage import (
     SUPPORTED_METHODS,
     ExpertLayout,
@@ -37,12 +39,18 @@ from ..storage import (
     fold_quantized,
     read_header,
 )
+from .budgets import TierLimit, fit_budget, parse_max_memory, tier_limits
+from .distributed import ExpertShard, expert_shard, rank_device, shard_correlation, shard_layout, shard_topology
+from .tiers import SlotPlan, plan_slot_layout, split_for_mixed
+
+logger = logging.getLogger("hf_moe_offload")
 
 __all__ = [
     "LoadPlan",
     "make_plan",
     "resolve_device",
     "resolve_folder",
+    "resolve_model_path",
     "plan_slots",
     "inspect_checkpoint",
     "meta_model",
@@ -72,6 +80,8 @@ class LoadPlan:
         quantization: the checkpoint's `quantization_config` (FP8 / MXFP4), or None.
         correlation_tables: a saved correlation table next to the model, checked against the topology, or None.
         kwargs: the `from_pretrained` keyword arguments to pass on (device_map / quantization_config added).
+        shard: the experts this rank owns under expert parallelism (topology and layout are then the rank's, in
+            local expert ids; see distributed.py), or None.
     """
 
     config: OffloadConfig
@@ -85,6 +95,13 @@ class LoadPlan:
     quantization: dict | None
     correlation_tables: list[np.ndarray] | None = field(default=None, repr=False)
     kwargs: dict = field(default_factory=dict, repr=False)
+    shard: ExpertShard | None = None
+    slots: SlotPlan | None = field(default=None, repr=False)
+
+    @property
+    def slot_layout(self) -> ExpertLayout:
+        """What one cache slot holds (`layout` itself at full precision; packed parts for int8 / int4)."""
+        return self.slots.layout if self.slots is not None else self.layout
 
 
 def resolve_device(cfg: OffloadConfig) -> torch.device:
@@ -98,41 +115,122 @@ def resolve_device(cfg: OffloadConfig) -> torch.device:
 
 
 def resolve_folder(path: str | os.PathLike, kwargs: dict) -> str:
-    """The local folder holding the checkpoint: `path` itself, or its snapshot in the Hugging Face cache."""
+    """The local folder holding the checkpoint (`subfolder=` applied): see `resolve_model_path`."""
+    root, sub = resolve_model_path(path, kwargs), kwargs.get("subfolder")
+    return os.path.join(root, sub) if sub else root
+
+
+def _local_path_hint(path: str, explicit: bool) -> str | None:
+    """Why `path` must be meant as a local path, with the close folder names that exist; None when it may be a model
+    id. `explicit`: only paths that cannot be ids (`./x`, `/x`, `~/x`, `a/b/c`), else also `models/x` where `models/`
+    exists (the typo `models/moe-tinyy`)."""
+    parent, name = os.path.split(os.path.normpath(os.path.expanduser(path)))
+    looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1 or "\\" in path
+    if not looks_local and (explicit or not (parent and os.path.isdir(parent))):
+        return None
+    parent = parent or "."
+    if not os.path.isdir(parent):
+        return f"{parent!r} does not exist either"
+    close = difflib.get_close_matches(name, [e for e in os.listdir(parent) if os.path.isdir(os.path.join(parent, e))])
+    if close:
+        return "did you mean " + " or ".join(repr(os.path.join(parent, c)) for c in close[:3]) + "?"
+    return f"{parent!r} holds no folder named like it"
+
+
+def resolve_model_path(path: str | os.PathLike, kwargs: dict) -> str:
+    """The local folder of `from_pretrained`'s `pretrained_model_name_or_path`, resolved as transformers resolves it:
+    a local folder; else a model id: its snapshot in the Hugging Face cache, else (online) downloaded through
+    huggingface_hub (safetensors weights and the small files beside them; other weight formats are skipped).
+
+    Honours `revision=`, `cache_dir=`, `token=` and `local_files_only=` from `kwargs`, and `HF_HUB_OFFLINE`.
+
+    Raises:
+        ModelNotFoundError: at once, before any network retry: a path that is meant as local but is not a folder
+            (a typo such as `models/moe-tinyy`, with the close names that exist), a string that is no valid model
+            id, an id not in the cache while offline, or an id the hub does not serve (one attempt).
+    """
     path = os.fspath(path)
-    sub = kwargs.get("subfolder") or ""
     if os.path.isdir(path):
-        return os.path.join(path, sub)
+        return path
+    hint = _local_path_hint(path, explicit=True)
+    if hint is not None:
+        raise ModelNotFoundError(f"{path!r} is not a folder ({hint}): pass the folder that holds config.json")
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
     try:
-        from huggingface_hub import snapshot_download
-
-        folder = snapshot_download(
-            path, revision=kwargs.get("revision"), cache_dir=kwargs.get("cache_dir"), local_files_only=True
-        )
-    except Exception as e:  # noqa: BLE001 - any failure means "not available locally"
-        raise OffloadConfigError(
-            f"{path!r} is not a local folder and is not in the Hugging Face cache ({type(e).__name__}); "
-            f"hf_moe_offload reads experts from local files: download the model first "
-            f"(e.g. `hf download {path}`) and pass its folder"
+        validate_repo_id(path)
+    except HFValidationError:
+        raise ModelNotFoundError(
+            f"{path!r} is neither a local folder nor a valid model id (such as 'org/name'); pass the folder that "
+            f"holds config.json, or a model id"
         ) from None
-    return os.path.join(folder, sub)
+    hub = {k: kwargs.get(k) for k in ("revision", "cache_dir", "token")}
+    try:
+        folder = snapshot_download(path, local_files_only=True, **hub)
+    except Exception:  # noqa: BLE001 - not in the cache
+        folder = None
+    if folder is not None and _has_weights(folder, kwargs.get("subfolder")):
+        return folder
+    hint = _local_path_hint(path, explicit=False)  # not a cached id, and its parent folder exists: a typo
+    if hint is not None:
+        raise ModelNotFoundError(
+            f"{path!r} is not a folder ({hint}) nor a model id in the Hugging Face cache: pass the folder that holds "
+            f"config.json"
+        )
+    if kwargs.get("local_files_only") or constants.HF_HUB_OFFLINE:
+        why = "local_files_only=True" if kwargs.get("local_files_only") else "HF_HUB_OFFLINE=1"
+        raise ModelNotFoundError(
+            f"{path!r} is not a local folder, and the model id is not in the Hugging Face cache "
+            f"({kwargs.get('cache_dir') or constants.HF_HUB_CACHE}) with its safetensors files while offline ({why}): "
+            f"download it first (`hf download {path}`) or pass the folder that holds config.json"
+        )
+    try:
+        return snapshot_download(path, ignore_patterns=_OTHER_WEIGHTS, **hub)
+    except Exception as e:  # noqa: BLE001 - one attempt: no retries, the reason is in the message
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ModelNotFoundError(
+            f"{path!r} is not a local folder, not in the Hugging Face cache, and could not be downloaded from "
+            f"{constants.ENDPOINT} ({type(e).__name__}: {reason}); check the id and the connection, or pass the folder "
+            f"that holds config.json"
+        ) from None
 
 
-def plan_slots(cfg: OffloadConfig, topology: MoETopology, slot_nbytes: int, device: torch.device) -> tuple[int, int]:
-    """Slots per tier `(host_slots, device_slots)` from the budgets.
+_OTHER_WEIGHTS = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.onnx", "*.gguf", "original/*"]
+
+
+def _has_weights(folder: str, subfolder: str | None) -> bool:
+    """A cached snapshot can be partial (transformers fetched config.json only): it needs its safetensors too."""
+    folder = os.path.join(folder, subfolder or "")
+    return os.path.isdir(folder) and any(
+        f.endswith((".safetensors", ".safetensors.index.json")) for f in os.listdir(folder)
+    )
+
+
+def plan_slots(
+    cfg: OffloadConfig,
+    topology: MoETopology,
+    slot_nbytes: int,
+    device: torch.device,
+    limits: dict[str, TierLimit] | None = None,
+) -> tuple[int, int]:
+    """Slots per tier `(host_slots, device_slots)` from the budgets, fitted to `limits` (see budgets.py).
 
     Raises:
         BudgetTooSmallError: the compute tier cannot hold the top-k experts of one layer.
+        BudgetTooLargeError: a budget in bytes exceeds its tier's limit.
     """
     total = topology.total_expert_nbytes
     n_experts = sum(layer.num_experts for layer in topology.layers)
     need = topology.max_top_k
-    host_bytes = cfg.host_budget.resolve(total)
+    limits = limits or {}
+    host_bytes = fit_budget("host_budget", cfg.host_budget, total, limits.get("host"))
     host_slots = min(host_bytes // slot_nbytes, n_experts)
     device_slots = 0
     checks = [("host_budget", cfg.host_budget, host_bytes, host_slots)]
     if device.type == "cuda":
-        device_bytes = cfg.device_budget.resolve(total)
+        device_bytes = fit_budget("device_budget", cfg.device_budget, total, limits.get("device"))
         device_slots = min(device_bytes // slot_nbytes, n_experts)
         checks = [("device_budget", cfg.device_budget, device_bytes, device_slots)]
     for name, budget, nbytes, slots in checks:
@@ -204,7 +302,7 @@ def _check_kwargs(kwargs: dict, device: torch.device) -> None:
             )
     device_map = kwargs.get("device_map")
     if device_map is None:
-        if device.type == "cuda":
+        if device.type == "cuda" and kwargs.get("distributed_config") is None:  # else transformers binds the rank's
             kwargs["device_map"] = {"": str(device)}
         return
     targets = set(device_map.values()) if isinstance(device_map, dict) else {device_map}
@@ -272,11 +370,15 @@ def make_plan(cls: type, path: str | os.PathLike, kwargs: dict, offload_config) 
     cfg = OffloadConfig.coerce(offload_config)
     device = resolve_device(cfg)
     kwargs = dict(kwargs)
+    shard = expert_shard(kwargs)  # before _check_kwargs: tp_plan= gets the parallelism error
+    device = rank_device(device, kwargs)
+    max_memory = parse_max_memory(kwargs.pop("max_memory", None), device)  # honoured as tier limits, never passed on
     _check_kwargs(kwargs, device)
     folder = resolve_folder(path, kwargs)
     config = _model_config(folder, kwargs)
     quantization = _quantization(config)
     topology, layout, expert_keys = inspect_checkpoint(meta_model(cls, config, kwargs), folder)
+    layout, topology = shard_layout(layout, topology, shard), shard_topology(topology, shard)
     _check_names(cfg, topology)
     if quantization is not None:
         kwargs["quantization_config"] = _quantization_arg(quantization, [x.module_name for x in topology.layers])
@@ -285,12 +387,16 @@ def make_plan(cls: type, path: str | os.PathLike, kwargs: dict, offload_config) 
 
         sample = max(checkpoint_files(folder), key=os.path.getsize)
         cfg = auto_config(cfg, topology.summary(), sample_file=sample, device=device, model_config=config)
-    host_slots, device_slots = plan_slots(cfg, topology, layout.slot_nbytes, device)
+    limits = tier_limits(device, topology.other_nbytes, max_memory)
+    slots = plan_slot_layout(cfg, folder, topology, layout, device, shard is not None)
+    host_slots, device_slots = plan_slots(cfg, topology, slots.layout.slot_nbytes, device, limits)
+    if cfg.mixed_precision is not None:
+        slots, host_slots = split_for_mixed(slots, host_slots, layout.slot_nbytes, topology.max_top_k)
     tables = None
     correlation = os.path.join(folder, CORRELATION_FILE)
     if "correlation" in cfg.predictor_names and os.path.isfile(correlation):
-        tables = load_correlation_tables(correlation, [layer.num_experts for layer in topology.layers])
-    return LoadPlan(
+        tables = shard_correlation(correlation, [layer.num_experts for layer in topology.layers], shard)
+    plan = LoadPlan(
         config=cfg,
         folder=folder,
         device=device,
@@ -301,5 +407,45 @@ def make_plan(cls: type, path: str | os.PathLike, kwargs: dict, offload_config) 
         device_slots=device_slots,
         quantization=quantization,
         correlation_tables=tables,
+        shard=shard,
         kwargs=kwargs,
+        slots=slots,
+    )
+    _log_plan(plan, limits)
+    return plan
+
+
+def _log_plan(plan: LoadPlan, limits: dict[str, TierLimit]) -> None:
+    """The load's decisions at INFO on the `hf_moe_offload` logger (silent unless the application enables it)."""
+    cfg, top, slot = plan.config, plan.topology, plan.slot_layout.slot_nbytes
+    logger.info(
+        "offloading %s: %d MoE layers, %s of experts in %s slots, computed on %s",
+        plan.folder,
+        top.num_layers,
+        format_bytes(top.total_expert_nbytes),
+        format_bytes(slot),
+        plan.device,
+    )
+    tiers = [("host", cfg.host_budget, plan.host_slots)]
+    if plan.device.type == "cuda":
+        tiers.append(("device", cfg.device_budget, plan.device_slots))
+    for tier, budget, slots in tiers:
+        limit = limits.get(tier)
+        logger.info(
+            "%s_budget=%s -> %d slots (%s; limit %s = %s)",
+            tier,
+            budget,
+            slots,
+            format_bytes(slots * slot),
+            format_bytes(limit.nbytes) if limit else "none",
+            limit.source if limit else "-",
+        )
+    logger.info(
+        "prefetch=%s (depth %d), policy=%s, io_mode=%s, io_threads=%d, torch intra-op threads=%d",
+        ",".join(cfg.predictor_names) or "none",
+        cfg.prefetch_depth,
+        cfg.policy,
+        cfg.io_mode,
+        cfg.io_threads,
+        torch.get_num_threads(),
     )

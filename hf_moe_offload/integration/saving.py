@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from ..adapters import STRIPPED_ATTR
 from ..errors import UnsupportedFeatureError
-from ..storage import read_header, slot_views
+from ..storage import ExpertStore, read_header, slot_views
 
 __all__ = ["save_offloaded", "EXPERT_FILE"]
 
@@ -48,6 +48,11 @@ def _check(engine, save_directory: str, kwargs: dict) -> None:
         _refuse("push_to_hub=True is not supported; save to a folder, then upload it")
     if engine.plan.quantization is not None:
         _refuse(f"the source checkpoint is quantized ({engine.plan.quantization.get('quant_method')})")
+    if engine.plan.shard is not None:
+        _refuse(
+            f"under expert parallelism each rank holds only its own experts (ep_size={engine.plan.shard.size}); "
+            f"save from one process loaded without distributed_config"
+        )
     if os.path.realpath(save_directory) == os.path.realpath(engine.folder):
         _refuse(f"{save_directory} is the folder the experts are read from")
     for layer in engine.topology.layers:
@@ -55,7 +60,7 @@ def _check(engine, save_directory: str, kwargs: dict) -> None:
             _refuse(f"{layer.module_name} stores extra non-routed experts that are not read")
 
 
-def _expert_tensors(engine, layer, slot: torch.Tensor) -> dict[str, torch.Tensor]:
+def _expert_tensors(engine, store: ExpertStore, layer, slot: torch.Tensor) -> dict[str, torch.Tensor]:
     """State-dict key -> tensor of every offloaded weight of `layer`, read expert by expert through `slot`."""
     shapes = layer.module.__dict__[STRIPPED_ATTR]  # name -> (full shape, dtype) the module had
     keys = layer.adapter.expert_keys(layer.module)  # one module per expert: per-expert keys
@@ -66,7 +71,7 @@ def _expert_tensors(engine, layer, slot: torch.Tensor) -> dict[str, torch.Tensor
             shape, dtype = shapes[p.name]
             full[p.name] = torch.empty(shape, dtype=dtype)
     for e in range(layer.num_experts):
-        engine.store.read_into(layer.layer, e, slot)
+        store.read_into(layer.layer, e, slot)
         for name, w in slot_views(slot, engine.layout, layer.layer).items():
             if keys is None:
                 full[name].view(layer.num_experts, *w.shape)[e].copy_(w)
@@ -101,11 +106,16 @@ def save_offloaded(model, engine, original_save, save_directory: str | os.PathLi
         return result
     slot = torch.empty(engine.layout.slot_nbytes, dtype=torch.uint8)
     expert_files: dict[str, str] = {}
-    for layer in engine.topology.layers:
-        name = EXPERT_FILE.format(layer.layer)
-        tensors = _expert_tensors(engine, layer, slot)
-        save_file(tensors, os.path.join(save_directory, name), metadata={"format": "pt"})
-        expert_files.update(dict.fromkeys(tensors, name))
-        del tensors
+    # The checkpoint's experts at full precision, whatever precision the cache holds (expert_dtype)
+    store = ExpertStore(engine.layout, engine.config.io_mode)
+    try:
+        for layer in engine.topology.layers:
+            name = EXPERT_FILE.format(layer.layer)
+            tensors = _expert_tensors(engine, store, layer, slot)
+            save_file(tensors, os.path.join(save_directory, name), metadata={"format": "pt"})
+            expert_files.update(dict.fromkeys(tensors, name))
+            del tensors
+    finally:
+        store.close()
     _write_index(save_directory, expert_files)
     return result

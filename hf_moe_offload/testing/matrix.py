@@ -201,6 +201,8 @@ def _shrunk_kwargs(default: PretrainedConfig) -> dict:
             elif isinstance(v, dict) and v and all(str(i).isdigit() for i in v):  # per-layer overrides by index
                 kw[k] = {i: c for i, c in v.items() if int(i) < n_new}
     vocab = kw.get("vocab_size", d.get("vocab_size"))
+    if vocab and isinstance(d.get("unpadded_vocab_size"), int) and d["unpadded_vocab_size"] > vocab:
+        kw["unpadded_vocab_size"] = vocab  # Inkling2: the head's size; transformers 5.24 pads it back to vocab_size
     for i, k in enumerate(_TOKEN_KEYS):
         if isinstance(d.get(k), int) and vocab and d[k] >= vocab:
             kw[k] = i

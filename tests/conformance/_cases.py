@@ -268,7 +268,8 @@ class CaseStore:
 
 def assert_same(ref, off, dtype: torch.dtype = torch.float32, path: str = "out", skip=("past_key_values",)) -> None:
     """`off` has `ref`'s structure (same keys, lengths, Nones) and its tensors match within `TOL[dtype]`
-    (integer tensors exactly). Cache objects under `skip` keys are not compared."""
+    (integer tensors exactly). Cache objects under `skip` keys are not compared; other cache objects (transformers
+    5.24's `cache` output) only by type."""
     if isinstance(ref, dict):  # ModelOutput included
         assert isinstance(off, dict), f"{path}: {type(off).__name__} is not a {type(ref).__name__}"
         keys, got = [k for k in ref.keys() if k not in skip], [k for k in off.keys() if k not in skip]
@@ -289,6 +290,8 @@ def assert_same(ref, off, dtype: torch.dtype = torch.float32, path: str = "out",
             torch.testing.assert_close(off, ref, atol=atol, rtol=rtol, equal_nan=True, msg=lambda m: f"{path}: {m}")
         else:
             assert torch.equal(off, ref), f"{path}: {off.tolist()} != {ref.tolist()}"
+    elif isinstance(ref, transformers.Cache):
+        assert type(off) is type(ref), f"{path}: {type(off).__name__} is not a {type(ref).__name__}"
     else:
         assert off == ref, f"{path}: {off!r} != {ref!r}"
 

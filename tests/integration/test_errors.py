@@ -11,6 +11,7 @@ from hf_moe_offload import (
     BudgetTooSmallError,
     CorruptCheckpointError,
     MissingShardError,
+    ModelNotFoundError,
     OffloadConfigError,
     UnknownNameError,
     UnsupportedModelError,
@@ -55,7 +56,7 @@ def test_invalid_config_value(mixtral_dir):
 def test_incompatible_kwargs(mixtral_dir):
     with pytest.raises(OffloadConfigError, match="device_map"):
         AutoModelForCausalLM.from_pretrained(mixtral_dir, offload_config={}, device_map="auto")
-    with pytest.raises(OffloadConfigError, match="not a local folder"):
+    with pytest.raises(ModelNotFoundError, match="not a local folder"):
         MixtralForCausalLM.from_pretrained("no-such-org/no-such-model", offload_config={})
 
 

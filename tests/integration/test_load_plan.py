@@ -34,6 +34,10 @@ BAD_VALUES = {
     "prefetch": ("gate_lookahead,oracle", UnknownNameError),
     "prefetch_depth": (9, OffloadConfigError),
     "mode": ("fast", OffloadConfigError),
+    "expert_dtype": ("fp4", OffloadConfigError),
+    "sidecar": ("/nonexistent/sidecar", OffloadConfigError),  # with expert_dtype 'auto' there is nothing to read
+    "expert_fraction": (0.0, OffloadConfigError),
+    "mixed_precision": (0.5, OffloadConfigError),  # needs a quantized expert_dtype
 }
 
 
@@ -167,6 +171,7 @@ def test_a_model_id_in_the_hf_cache_loads_offloaded(tmp_path, mixtral_model, sha
         "tiny-org/tiny-mixtral", cache_dir=str(tmp_path / "hub"), offload_config={"host_budget": "30%"}
     )
     assert os.path.realpath(model.offload_engine.folder) == os.path.realpath(repo / "snapshots" / sha)
+    assert model.name_or_path == model.config._name_or_path == "tiny-org/tiny-mixtral"  # as a load by id reports it
     ids = torch.tensor([[5, 9, 17, 33]])
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, mixtral_model(ids).logits, rtol=1e-5, atol=1e-5)

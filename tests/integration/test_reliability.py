@@ -302,6 +302,7 @@ class _Probe(LogitsProcessor):
 
 @pytest.mark.slow
 def test_soak_1000_decode_steps_within_budget(mixtral_dir, mixtral_model):
+    gc.collect()  # models dropped by earlier tests close (and stop their threads) now, not during the soak
     model = _load(mixtral_dir, host_budget="20%", prefetch="gate_lookahead")
     engine = model.offload_engine
     budget = engine.config.host_budget.resolve(engine.topology.total_expert_nbytes)

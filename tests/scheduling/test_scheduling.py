@@ -394,29 +394,19 @@ PLAN_KEYS = {
 
 def test_plan_command_prints_table_and_json(mixtral_dir, tmp_path, capsys):
     profile = tmp_path / "p.json"
-    code = cli_main(
-        [
-            "plan",
-            mixtral_dir,
-            "--memory",
-            "64MiB",
-            "--disk-bandwidth",
-            "400MB",
-            "--save-profile",
-            str(profile),
-            "--batches",
-            "1,4,16",
-        ]
-    )
+    args = ["plan", mixtral_dir, "--host-memory", "64MiB", "--no-step-overhead", "--batches", "1,4,16"]
+    code = cli_main([*args, "--disk-bandwidth", "400MB", "--save-profile", str(profile), "--json"])
     out = capsys.readouterr().out.strip().splitlines()
-    record = json.loads(out[-1])
+    assert len(out) == 1  # --json: one document, nothing else on stdout
+    record = json.loads(out[0])
     assert code == 0 and PLAN_KEYS <= set(record)
     assert record["profile"]["disk_read_Bps"] == 400e6 and record["batch_size"] == 16
-    assert any("<- plan" in line for line in out)
-    code = cli_main(["plan", mixtral_dir, "--memory", "64MiB", "--profile", str(profile), "--latency", "1e-9"])
-    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert cli_main([*args, "--profile", str(profile)]) == 0
+    assert any("<- plan" in line for line in capsys.readouterr().out.splitlines())  # the table for people
+    code = cli_main([*args[:4], "--profile", str(profile), "--latency", "1e-9", "--no-step-overhead", "--json"])
+    record = json.loads(capsys.readouterr().out)
     assert code == 1 and record["feasible"] is False and record["reason"].startswith("latency")
-    assert cli_main(["plan", mixtral_dir, "--memory", "25%", "--profile", str(profile)]) == 2
+    assert cli_main(["plan", mixtral_dir, "--host-memory", "25%", "--profile", str(profile)]) == 2
 
 
 def test_plan_and_auto_reserve_the_same_bytes(mixtral_dir, tmp_path, capsys):
@@ -438,7 +428,7 @@ def test_plan_and_auto_reserve_the_same_bytes(mixtral_dir, tmp_path, capsys):
         [
             "plan",
             mixtral_dir,
-            "--memory",
+            "--host-memory",
             str(memory),
             "--profile",
             str(tmp_path / "p.json"),
@@ -446,9 +436,11 @@ def test_plan_and_auto_reserve_the_same_bytes(mixtral_dir, tmp_path, capsys):
             "1",
             "--context",
             "512",
+            "--no-step-overhead",
+            "--json",
         ]
     )
-    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    record = json.loads(capsys.readouterr().out)
     assert code == 0 and record["inputs"]["seq_bytes"] == seq > 3 * expert
     assert record["inputs"]["model"] == dataclasses.asdict(shape) and shape.embedding_nbytes > 0
     assert record["host_budget_bytes"] == 7 * expert
