@@ -26,7 +26,7 @@ import time
 
 from ..errors import LlamaCppUnavailableError, UnsupportedFeatureError
 from ..scheduling.profile import evict_page_cache
-from .sysmem import PeakRssSampler, process_io, rss_breakdown
+from .sysmem import PeakRssSampler, process_io, quantile, rss_breakdown
 
 __all__ = ["release_mapped_file", "run_llamacpp_spec"]
 
@@ -78,16 +78,6 @@ def _top1(llm) -> int:
     return int(np.ctypeslib.as_array(logits, shape=(llm.n_vocab(),)).argmax())
 
 
-def _quantile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    pos = q * (len(ordered) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
-
-
 def run_point(llm, spec: dict, point: dict) -> dict:
     """Time one batch-1 point: the prompt (TTFT), then one decode step per forced id."""
     if point["batch"] != 1:
@@ -127,8 +117,8 @@ def run_point(llm, spec: dict, point: dict) -> dict:
     return {
         "ttft_s": steps[0],
         "decode_steps_s": decode,
-        "step_p50_s": _quantile(decode, 0.5),
-        "step_p90_s": _quantile(decode, 0.9),
+        "step_p50_s": quantile(decode, 0.5),
+        "step_p90_s": quantile(decode, 0.9),
         "gen_s": sum(steps),
         "tok_s": len(steps) / sum(steps),
         "decode_tok_s": len(decode) / sum(decode) if decode else None,

@@ -30,7 +30,7 @@ from transformers import LogitsProcessor
 
 from ..scheduling.profile import evict_page_cache
 from .decode_bench import StepTimer, accelerate_disk_bytes, scalar_offload_stats
-from .sysmem import PeakRssSampler, process_io, rss_breakdown
+from .sysmem import PeakRssSampler, process_io, quantile, rss_breakdown
 
 __all__ = ["ForcedTokens", "load_config_model", "prompt_ids", "run_point", "run_spec", "PROMPT_TEXT"]
 
@@ -122,16 +122,6 @@ def _mean(values: list) -> float | None:
     return statistics.mean(values) if values else None
 
 
-def _quantile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    pos = q * (len(ordered) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
-
-
 def run_point(model, spec: dict, point: dict, trace=None) -> dict:
     """Time one scenario point (`batch`, `prompt_len`, `new_tokens`) on a loaded model."""
     batch, length, n = point["batch"], point["prompt_len"], point["new_tokens"]
@@ -199,8 +189,8 @@ def run_point(model, spec: dict, point: dict, trace=None) -> dict:
     result = {
         "ttft_s": timer.steps[0],
         "decode_steps_s": decode,
-        "step_p50_s": _quantile(decode, 0.5),
-        "step_p90_s": _quantile(decode, 0.9),
+        "step_p50_s": quantile(decode, 0.5),
+        "step_p90_s": quantile(decode, 0.9),
         "gen_s": sum(timer.steps),
         "tok_s": batch * len(timer.steps) / sum(timer.steps),
         "decode_tok_s": batch * len(decode) / sum(decode) if decode else None,

@@ -46,6 +46,7 @@ __all__ = [
     "group_usage",
     "page_cache_resident_bytes",
     "process_io",
+    "quantile",
     "rss_breakdown",
     "run_in_memory_cgroup",
 ]
@@ -426,3 +427,14 @@ def _remove_group(group: Path, attempts: int = 50) -> None:
         except OSError:  # EBUSY while the last task is still exiting
             time.sleep(0.1)
     raise RuntimeError(f"could not remove the memory cgroup {group}; remove it with `rmdir {group}`")
+
+
+def quantile(values: list[float], q: float) -> float | None:
+    """The `q` quantile of `values` (linear interpolation between neighbours), None when empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    pos = q * (len(ordered) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
