@@ -20,7 +20,7 @@ import torch
 from ..adapters.interface import InterfaceExpertsAdapter
 from ..errors import UnsupportedFeatureError
 from ..precision import matmul
-from ..precision.neurons import NEURONS_FILE
+from ..precision.neurons import NEURONS_FILE, neuron_count
 
 __all__ = ["calibrate_neurons", "neuron_importance"]
 
@@ -64,10 +64,7 @@ def calibrate_neurons(path: str, input_ids: list[torch.Tensor], progress: bool =
                 f"importance is computed for experts dispatched through transformers' ExpertsInterface only"
             )
         modules[layer.layer] = layer.module
-        first = "gate_up_proj" if layer.module.has_gate else "up_proj"
-        shape = next(p.shape for p in layer.params if p.name == first)
-        inter = shape[1 if layer.module.is_transposed else 0] // (2 if layer.module.has_gate else 1)
-        scores[layer.layer] = torch.zeros(layer.num_experts, inter)
+        scores[layer.layer] = torch.zeros(layer.num_experts, neuron_count(layer.module, layer.params))
     run_layer = engine.run_layer
 
     def measuring_run_layer(layer, hidden, top_k_index, top_k_weights, expert_fn):

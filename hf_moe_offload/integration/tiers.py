@@ -24,7 +24,7 @@ from ..adapters.interface import InterfaceExpertsAdapter
 from ..config import OffloadConfig
 from ..errors import BudgetTooSmallError, OffloadConfigError, SidecarError, UnsupportedFeatureError
 from ..precision import PackedSpec, pack_specs
-from ..precision.neurons import NEURONS_FILE, NeuronPlan, kept_neurons, reduced_shapes
+from ..precision.neurons import NEURONS_FILE, NeuronPlan, kept_neurons, neuron_count, reduced_shapes
 from ..storage import ExpertLayout, ExpertStore
 from ..storage.encoding import EncodingStore
 from ..storage.layout import packed_layout
@@ -84,9 +84,7 @@ def _neuron_plans(folder: str, fraction: float, topology: MoETopology) -> dict[i
                 f"; only experts without biases dispatched through transformers' ExpertsInterface can drop neurons. "
                 f"Use expert_fraction=1"
             )
-        shapes = {p.name: p.shape for p in layer.params}
-        first = "gate_up_proj" if m.has_gate else "up_proj"
-        inter = shapes[first][1 if m.is_transposed else 0] // (2 if m.has_gate else 1)
+        inter = neuron_count(m, layer.params)
         order = orders.get(layer.layer)
         if order is None or order.shape != (layer.num_experts, inter):
             raise OffloadConfigError(

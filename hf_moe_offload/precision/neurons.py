@@ -19,9 +19,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["NEURONS_FILE", "NeuronPlan", "kept_neurons", "select_neurons", "reduced_shapes"]
+__all__ = ["NEURONS_FILE", "NeuronPlan", "neuron_count", "kept_neurons", "select_neurons", "reduced_shapes"]
 
 NEURONS_FILE = "hf_moe_offload_neurons.npz"
+
+
+def neuron_count(module, params) -> int:
+    """Intermediate neurons per expert of an `ExpertsInterface` experts module, from its per-expert `params`
+    (`gate_up_proj` holds two rows or columns per neuron, `up_proj` one)."""
+    first = "gate_up_proj" if module.has_gate else "up_proj"
+    shape = next(p.shape for p in params if p.name == first)
+    return shape[1 if module.is_transposed else 0] // (2 if module.has_gate else 1)
 
 
 def kept_neurons(intermediate: int, fraction: float) -> int:
