@@ -12,6 +12,9 @@ reserve the same bytes. The JSON document holds the `Plan.to_dict()` keys (`batc
 `serial_step_s`, `bubble_fraction`, `hit_rate`, `placement`, `host_budget_bytes`, `device_budget_bytes`,
 `transfer_s`, `compute_s`, `min_overlap_batch`, `candidates`, `inputs`) plus `model`, `profile` (the measured
 numbers) and `offload_config` (the budgets as an `OffloadConfig` dict for `run` or `from_pretrained`).
+`--world-size N` plans one rank of N expert-parallel ranks (`scheduling.expert_parallel`): its 1/N of the experts,
+`--host-memory` and the budgets per rank, and each step plus the token dispatch over `--link-bandwidth` /
+`--link-latency`; the JSON then adds `expert_parallel` (per-rank bytes, dispatch seconds, step with it).
 Exit status 0 when a plan satisfies the constraints, 1 when none does, 2 on a typed library error.
 """
 
@@ -81,6 +84,25 @@ def add_parser(sub) -> None:
         "--replay", help="routing trace (.npz from `trace --record-routing`): measured distinct experts per batch"
     )
     p.add_argument("--trace", dest="replay", help=argparse.SUPPRESS)  # the 0.1 name
+    p.add_argument(
+        "--world-size",
+        type=int,
+        default=1,
+        help="plan one rank of N expert-parallel ranks (DistributedConfig(ep_size=N, fsdp_size=N)): its 1/N of the "
+        "experts, --host-memory per rank, token dispatch added to each step (default 1)",
+    )
+    p.add_argument(
+        "--link-bandwidth",
+        default=None,
+        help="bytes/s one rank sends to the others, e.g. 10Gbit or 4GB (default 4GB: gloo on one machine, "
+        "scripts/measure_link.py)",
+    )
+    p.add_argument(
+        "--link-latency",
+        type=float,
+        default=None,
+        help="seconds of one all-to-all besides its bytes (default 1e-4: gloo on one machine)",
+    )
     add_output_args(p)
     p.set_defaults(func=main)
 
@@ -169,6 +191,45 @@ def _batches(value: str) -> list[int]:
     return batches
 
 
+def _expert_parallel_record(result) -> dict:
+    """The JSON `expert_parallel` block: per-rank bytes, the chosen batch's dispatch and step with and without it."""
+    ep = dict(result.inputs["expert_parallel"])
+    dispatch = ep.pop("dispatch_s")
+    world = ep["world_size"]
+    return {
+        **ep,
+        "distributed_config": {"ep_size": world, "fsdp_size": world},
+        "dispatch_s": dispatch[result.batch_size],
+        "experts_step_s": result.step_s - dispatch[result.batch_size],
+        "step_s": result.step_s,
+        "job_tokens_per_s": world * result.tokens_per_s,
+        "candidates": [
+            {"batch_size": c.batch_size, "dispatch_s": dispatch[c.batch_size], "step_s": c.step_s}
+            for c in result.candidates
+        ],
+    }
+
+
+def _expert_parallel_lines(result) -> list[str]:
+    """The table's lines on expert parallelism (none for one rank)."""
+    if "expert_parallel" not in result.inputs:
+        return []
+    ep = _expert_parallel_record(result)
+    world, hidden, dispatch_ms = ep["world_size"], ep["hidden_size"], 1e3 * ep["dispatch_s"]
+    return [
+        f"expert parallel over {world} ranks (DistributedConfig(ep_size={world}, fsdp_size={world})), per rank: "
+        f"{ep['experts_per_rank']} experts per layer, {format_bytes(ep['rank_expert_bytes'])} of "
+        f"{format_bytes(ep['model_expert_bytes'])} of experts; --host-memory, budgets, steps and tok/s above are "
+        f"one rank's",
+        f"token dispatch: all-to-all out and back per MoE layer (hidden {hidden}, {ep['itemsize']} B per element) "
+        f"over {ep['link_bandwidth_Bps'] / 1e9:.2f} GB/s + {1e6 * ep['link_latency_s']:.0f} us per collective: "
+        + ", ".join(f"batch {c['batch_size']} {1e3 * c['dispatch_s']:.2f} ms" for c in ep["candidates"]),
+        f"at batch {result.batch_size}: step {1e3 * ep['step_s']:.1f} ms = experts and dense "
+        f"{1e3 * ep['experts_step_s']:.1f} ms + dispatch {dispatch_ms:.2f} ms; all {world} ranks together "
+        f"{ep['job_tokens_per_s']:.2f} tok/s",
+    ]
+
+
 def main(args: argparse.Namespace) -> int:
     if args.host_memory is None:
         raise UsageError("give --host-memory AMOUNT (all the memory the run may use, e.g. 8GiB)")
@@ -182,10 +243,12 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError(f"--hit-rate: expected a value in [0, 1], got {args.hit_rate}")
     device_memory = _bytes(args.device_memory, "--device-memory") if args.device_memory else None
     disk = float(_bytes(args.disk_bandwidth, "--disk-bandwidth")) if args.disk_bandwidth else None
+    check_positive(args.world_size, "--world-size")
 
     from transformers import AutoConfig
 
     from ..prefetch import RoutingTrace
+    from ..scheduling.expert_parallel import DEFAULT_LINK, Link, check_divides, parse_bandwidth
     from ..scheduling.model_plan import plan_for_model, shape_for_model
     from ..scheduling.planner import distinct_from_trace
     from ..scheduling.profile import HardwareProfile, measure_profile
@@ -203,6 +266,12 @@ def main(args: argparse.Namespace) -> int:
     config = AutoConfig.from_pretrained(info["path"])
     shape, kv_per_token = shape_for_model(info, config, dtype)
     seq_bytes = args.context * kv_per_token
+    world = args.world_size
+    check_divides(world, {str(i): shape.num_experts for i in range(shape.num_layers)}, "--world-size")
+    link = Link(
+        parse_bandwidth(args.link_bandwidth) if args.link_bandwidth else DEFAULT_LINK.bandwidth_Bps,
+        DEFAULT_LINK.latency_s if args.link_latency is None else args.link_latency,
+    )
 
     if args.profile:
         profile = HardwareProfile.load(args.profile)
@@ -237,8 +306,11 @@ def main(args: argparse.Namespace) -> int:
             device_memory = torch.cuda.mem_get_info(args.device)[0]
     curve = None
     if args.replay:  # mapped to this model's experts, and its layers cyclically, as `bench --replay` does
-        curve = distinct_from_trace(
-            RoutingTrace.load(args.replay), batches, num_experts=shape.num_experts, top_k=shape.top_k
+        curve = distinct_from_trace(  # with N ranks, the whole model's at the N * B tokens of a step
+            RoutingTrace.load(args.replay),
+            sorted({world * b for b in batches}),
+            num_experts=shape.num_experts,
+            top_k=shape.top_k,
         )
         curve = {b: [v[i % len(v)] for i in range(shape.num_layers)] for b, v in curve.items()}
     result = plan_for_model(
@@ -254,6 +326,8 @@ def main(args: argparse.Namespace) -> int:
         distinct_curve=curve,
         hit_rate=args.hit_rate,
         read_from=args.read_from,
+        world_size=world,
+        link=link,
     )
 
     table = "\n".join(
@@ -267,6 +341,7 @@ def main(args: argparse.Namespace) -> int:
             f"context {args.context} tokens: KV {format_bytes(seq_bytes)} per sequence",
             str(result),
         ]
+        + _expert_parallel_lines(result)
     )
     record = result.to_dict()
     record["model"] = info["path"]
@@ -275,5 +350,7 @@ def main(args: argparse.Namespace) -> int:
     record["offload_config"] = {"host_budget": result.host_budget_bytes, "device": args.device}
     if device_memory is not None:
         record["offload_config"]["device_budget"] = result.device_budget_bytes
+    if world > 1:
+        record["expert_parallel"] = _expert_parallel_record(result)
     emit(args, record, table)
     return 0 if result.feasible else 1

@@ -37,6 +37,7 @@ from torch import nn
 from ..adapters import MoETopology, describe_model
 from ..errors import OffloadStateError, UnsupportedParallelismError
 from ..prefetch import load_correlation_tables
+from ..scheduling.expert_parallel import check_divides
 from ..storage import ExpertLayout
 
 __all__ = [
@@ -167,12 +168,7 @@ class _OwnedColumns:
 
 
 def _check_divisible(topology: MoETopology, shard: ExpertShard) -> None:
-    for layer in topology.layers:
-        if layer.num_experts % shard.size:
-            raise UnsupportedParallelismError(
-                f"ep_size={shard.size} must divide the experts of every MoE layer; MoE layer {layer.layer} "
-                f"({layer.module_name}) has {layer.num_experts}. Choose an ep_size that divides {layer.num_experts}"
-            )
+    check_divides(shard.size, {f"{layer.layer} ({layer.module_name})": layer.num_experts for layer in topology.layers})
 
 
 def shard_topology(topology: MoETopology, shard: ExpertShard | None) -> MoETopology:

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .planner import DEFAULT_BATCHES, ModelShape, Plan, plan
+from .expert_parallel import DEFAULT_LINK, Link, plan_expert_parallel
+from .planner import DEFAULT_BATCHES, ModelShape, Plan
 from .profile import HardwareProfile
 
 __all__ = ["DEFAULT_CONTEXT", "COMPUTE_ITEMSIZE", "kv_bytes_per_token", "shape_for_model", "plan_for_model"]
@@ -99,6 +100,8 @@ def plan_for_model(
     distinct_curve: dict[int, list[float]] | None = None,
     hit_rate: float | None = None,
     read_from: str = "disk",
+    world_size: int = 1,
+    link: Link = DEFAULT_LINK,
 ) -> Plan:
     """Plan one model on this machine: `shape_for_model`, then `planner.plan` with its KV cache per sequence.
 
@@ -112,6 +115,10 @@ def plan_for_model(
         seq_bytes: KV bytes per sequence, instead of `context` tokens of `model_config`'s KV.
         device_memory_bytes: accelerator memory for dense weights, KV caches and device slots (None: CPU only).
         latency_limit_s, batch_candidates, distinct_curve, hit_rate, read_from: as for `planner.plan`.
+        world_size: plan one rank of this many expert-parallel ranks (`expert_parallel.plan_expert_parallel`: its
+            share of the experts, token dispatch over `link` added to each step); `distinct_curve` is then the
+            whole model's against tokens per step. Needs `model_config` (its `hidden_size`).
+        link: the network between the ranks.
 
     Returns:
         The `Plan`; `plan.inputs["model"]` and `plan.inputs["seq_bytes"]` hold what was reserved.
@@ -124,12 +131,24 @@ def plan_for_model(
         ```
     """
     shape, kv = shape_for_model(topology_summary, model_config, dtype)
-    return plan(
+    hidden = itemsize = 0
+    if world_size != 1:
+        text = None if model_config is None else _get(model_config, "text_config") or model_config
+        hidden = int(_get(text, "hidden_size") or 0) if text is not None else 0
+        if not hidden:
+            raise ValueError("world_size > 1: the model config's hidden_size is needed to cost the token dispatch")
+        stored = None if isinstance(topology_summary, ModelShape) else topology_summary.get("dtype")
+        itemsize = COMPUTE_ITEMSIZE.get(dtype or stored, 2)
+    return plan_expert_parallel(
         profile,
         shape,
         memory_bytes,
-        latency_limit_s,
-        batch_candidates,
+        world_size,
+        hidden_size=hidden,
+        itemsize=itemsize,
+        link=link,
+        latency_limit_s=latency_limit_s,
+        batch_candidates=batch_candidates,
         seq_bytes=context * kv if seq_bytes is None else seq_bytes,
         device_memory_bytes=device_memory_bytes,
         distinct_curve=distinct_curve,

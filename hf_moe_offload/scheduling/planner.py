@@ -25,6 +25,7 @@ which dominates small models. Formulas and assumptions: docs/planner.md.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -391,6 +392,7 @@ def plan(
     distinct_curve: dict[int, list[float]] | None = None,
     hit_rate: float | None = None,
     read_from: str = "disk",
+    extra_step_s: Callable[[int], float] | None = None,
 ) -> Plan:
     """Choose the batch size with the most predicted tokens/s under a memory budget and a per-step latency limit.
 
@@ -407,6 +409,7 @@ def plan(
         distinct_curve: measured distinct experts per layer against batch (`distinct_from_trace`).
         hit_rate: a measured compute-tier hit rate to use instead of the LRU model.
         read_from: `"disk"` (cold reads) or `"page_cache"` (the checkpoint stays cached in RAM).
+        extra_step_s: seconds added to each step at batch B, not overlapped (`expert_parallel`'s token dispatch).
 
     Returns:
         A `Plan`; `plan.feasible` is False (with the closest candidate and the reason) when nothing fits.
@@ -440,6 +443,11 @@ def plan(
             read_Bps=read_Bps,
             on_device=on_device,
         )
+        if extra_step_s is not None:  # processors and links both wait for it: on the step and in the bubble
+            extra = extra_step_s(batch)
+            cost.step_s, cost.serial_step_s = cost.step_s + extra, cost.serial_step_s + extra
+            cost.tokens_per_s = batch / cost.step_s if cost.step_s > 0 else math.inf
+            cost.bubble_fraction = 1.0 - sum(cost.compute_s) / cost.step_s if cost.step_s > 0 else 0.0
         cost.memory = {
             "dense": shape.other_nbytes,
             "sequences": batch * seq_bytes,

@@ -45,3 +45,60 @@ def test_no_step_overhead_switches_the_measurement_off():
 
     assert build_parser().parse_args(PLAN[:4]).step_overhead is True
     assert build_parser().parse_args([*PLAN[:4], "--no-step-overhead"]).step_overhead is False
+
+
+@pytest.fixture
+def fixed_profile(tmp_path):
+    """A saved profile for the shipped model, so `plan` measures nothing (fast, and the same on every machine)."""
+    path = tmp_path / "profile.json"
+    HardwareProfile(393216, 128, 256, "bfloat16", 5e8, 1e10, LinearFit(1e-4, 1e-6), step_overhead_s=0.002).save(
+        str(path)
+    )
+    return ["plan", SHIPPED, "--host-memory", "30MiB", "--batches", "1,4,16", "--profile", str(path)]
+
+
+def test_world_size_one_is_todays_plan(fixed_profile, capsys):
+    for extra in (["--json"], []):
+        assert cli([*fixed_profile, *extra]) == 0
+        default = capsys.readouterr().out
+        assert cli([*fixed_profile, *extra, "--world-size", "1"]) == 0
+        assert capsys.readouterr().out == default
+    assert "expert parallel" not in default
+    assert cli([*fixed_profile, "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert "expert_parallel" not in record and "expert_parallel" not in record["inputs"]
+
+
+def test_world_size_two_plans_a_rank_with_half_the_experts_and_the_dispatch(fixed_profile, capsys):
+    assert cli([*fixed_profile, "--json"]) == 0
+    one = json.loads(capsys.readouterr().out)
+    assert cli([*fixed_profile, "--json", "--world-size", "2", "--link-bandwidth", "10Gbit"]) == 0
+    two = json.loads(capsys.readouterr().out)
+    ep = two["expert_parallel"]
+    assert ep["world_size"] == 2 and ep["distributed_config"] == {"ep_size": 2, "fsdp_size": 2}
+    assert ep["rank_expert_bytes"] * 2 == ep["model_expert_bytes"] == 6 * 16 * 393216
+    assert ep["link_bandwidth_Bps"] == 1.25e9 and ep["link_latency_s"] == 1e-4
+    assert ep["dispatch_s"] > 0 and ep["step_s"] == pytest.approx(ep["experts_step_s"] + ep["dispatch_s"])
+    assert ep["step_s"] == two["step_s"] and ep["job_tokens_per_s"] == pytest.approx(2 * two["tokens_per_s"])
+    dispatch = [c["dispatch_s"] for c in ep["candidates"]]
+    assert dispatch == sorted(dispatch) and dispatch[0] < dispatch[-1]
+    assert two["inputs"]["model"]["num_experts"] == 8 and one["inputs"]["model"]["num_experts"] == 16
+    assert cli([*fixed_profile, "--world-size", "2"]) == 0
+    table = capsys.readouterr().out
+    assert (
+        "expert parallel over 2 ranks" in table and "token dispatch" in table and "dispatch" in table.splitlines()[-1]
+    )
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--world-size", "3"], "--world-size=3 must divide the experts of every MoE layer; MoE layer 0 has 16"),
+        (["--world-size", "0"], "--world-size: expected an integer >= 1, got 0"),
+        (["--world-size", "2", "--link-bandwidth", "fast"], "--link-bandwidth: expected a positive bandwidth"),
+    ],
+)
+def test_a_bad_world_size_or_link_is_refused_in_one_line(fixed_profile, capsys, flags, message):
+    assert cli([*fixed_profile, *flags]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and message in captured.err and len(captured.err.strip().splitlines()) == 1
