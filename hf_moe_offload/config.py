@@ -37,7 +37,7 @@ _UNITS = {
     "t": 2**40,
 }
 _BUDGET_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z%]*)\s*$")
-_IO_MODES = ("fadvise", "direct", "cached")
+_IO_MODES = ("auto", "fadvise", "direct", "cached")
 _EXPERT_DTYPES = ("auto", "int8", "int4")  # precision.EXPERT_DTYPES (config stays below every other module)
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
@@ -144,10 +144,20 @@ class OffloadConfig:
         default="auto", metadata={"help": "Where experts are computed: 'auto' (CUDA if present), 'cpu', 'cuda[:N]'."}
     )
     io_mode: str = field(
-        default="fadvise",
+        default="auto",
         metadata={
-            "help": "How expert bytes are read: 'fadvise' (pread then drop the pages from the page cache), "
-            "'direct' (O_DIRECT, bypasses the page cache), 'cached' (leave the page cache alone)."
+            "help": "How expert bytes are read: 'auto' (chosen at load: 'cached' when the experts fit twice in the "
+            "memory left, else 'direct' where the file system allows it, else 'fadvise'), 'fadvise' (pread then "
+            "drop the pages from the page cache), 'direct' (O_DIRECT, bypasses the page cache), 'cached' (leave "
+            "the page cache alone)."
+        },
+    )
+    threads: Any = field(
+        default="auto",
+        metadata={
+            "help": "torch intra-op threads: 'auto' (at load and each generate: the usable cores less those other "
+            "processes keep busy; left alone when OMP_NUM_THREADS is set or torch.set_num_threads was called) or "
+            "a fixed count (1-1024)."
         },
     )
 
@@ -220,6 +230,11 @@ class OffloadConfig:
             raise OffloadConfigError(f"prefetch_depth: expected an int in [1, 8], got {self.prefetch_depth!r}")
         if self.mode not in ("manual", "auto"):
             raise OffloadConfigError(f"mode: expected 'manual' or 'auto', got {self.mode!r}")
+        t = self.threads = (
+            int(self.threads) if isinstance(self.threads, str) and self.threads.isdigit() else self.threads
+        )
+        if t != "auto" and (isinstance(t, bool) or not isinstance(t, int) or not 1 <= t <= 1024):
+            raise OffloadConfigError(f"threads: expected 'auto' or an int in [1, 1024], got {t!r}")
         if self.io_mode not in _IO_MODES:
             raise OffloadConfigError(f"io_mode: expected one of {', '.join(_IO_MODES)}, got {self.io_mode!r}")
         if self.expert_dtype not in _EXPERT_DTYPES:

@@ -79,6 +79,13 @@ def _budget_label(value: str) -> str:
 
 def _ablation(item: str) -> tuple[str, dict, str]:
     item = item.strip()
+    if "+" in item:  # several changes at once: threads=1+io_mode=direct
+        parts = [_ablation(part) for part in item.split("+")]
+        return (
+            "".join(p[0] for p in parts),
+            {k: v for p in parts for k, v in p[1].items()},
+            ", ".join(p[2] for p in parts),
+        )
     if "=" in item:
         key, _, value = item.partition("=")
         key = key.strip().replace("-", "_")
@@ -112,7 +119,8 @@ def make_configs(
         budgets: shares (`"25"`, `"25%"`) or amounts (`"2GiB"`) of expert bytes.
         baselines: any of "memory", "accelerate", "llamacpp" (every GGUF type) or "llamacpp-<type>" (one of
             `gguf.GGUF_TYPES`: bf16, q8_0, q4_k_m).
-        ablations: names from `ABLATIONS` or `FIELD=VALUE` overrides of `OffloadConfig`.
+        ablations: names from `ABLATIONS` or `FIELD=VALUE` overrides of `OffloadConfig`, several joined by `+`
+            (`threads=1+io_mode=direct`).
         offload: `OffloadConfig` fields applied to every offload configuration.
         device: "cpu" or "cuda[:N]": on CUDA the budget is the `device_budget`.
 

@@ -57,9 +57,10 @@ def add_offload_args(parser: argparse.ArgumentParser) -> None:
         )
 
 
-def offload_config_from_args(args: argparse.Namespace) -> OffloadConfig:
-    """The `OffloadConfig` of the options given (validated: raises `OffloadConfigError` on a bad value)."""
-    values = {f.name: getattr(args, f"offload_{f.name}", None) for f in dataclasses.fields(OffloadConfig)}
+def offload_config_from_args(args: argparse.Namespace, **own) -> OffloadConfig:
+    """The `OffloadConfig` of the options given, and of the subcommand's `own` options that set a field (validated:
+    raises `OffloadConfigError` on a bad value)."""
+    values = {f.name: getattr(args, f"offload_{f.name}", None) for f in dataclasses.fields(OffloadConfig)} | own
     return OffloadConfig.from_dict({k: v for k, v in values.items() if v is not None})
 
 

@@ -80,7 +80,7 @@ def add_parser(sub) -> None:
         "--ablate",
         default="",
         help="features to switch off one at a time: prefetch, io_mode, "
-        "io_threads, or FIELD=VALUE of OffloadConfig (e.g. policy=lfu)",
+        "io_threads, or FIELD=VALUE of OffloadConfig (e.g. policy=lfu), several joined by + (threads=1+io_mode=direct)",
     )
     g = p.add_argument_group("how")
     g.add_argument("--cache", choices=("cold", "warm"), default="cold", help="page cache evicted every step, or not")
@@ -107,8 +107,10 @@ def add_parser(sub) -> None:
 
 
 def _offload_overrides(args: argparse.Namespace, device: str) -> dict:
-    values = {f.name: getattr(args, f"offload_{f.name}") for f in dataclasses.fields(OffloadConfig)}
+    values = {f.name: getattr(args, f"offload_{f.name}", None) for f in dataclasses.fields(OffloadConfig)}
     values = {k: v for k, v in values.items() if v is not None}
+    if args.threads:  # every contender computes on the same threads
+        values["threads"] = args.threads
     values.pop("device", None)
     tier = "device_budget" if device.startswith("cuda") else "host_budget"
     if tier in values:

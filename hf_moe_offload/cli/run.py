@@ -50,7 +50,12 @@ def add_parser(sub) -> None:
     g.add_argument("--top-p", type=float, help="nucleus sampling mass (implies --sample)")
     g.add_argument("--top-k", type=int, help="sample among the k likeliest tokens (implies --sample)")
     g.add_argument("--seed", type=int, default=0, help="torch seed for sampling (default 0)")
-    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch intra-op threads (0: OffloadConfig's threads='auto': the cores other processes leave free)",
+    )
     p.add_argument("--dtype", default="auto", choices=DTYPES, help="compute dtype (default: the checkpoint's)")
     add_output_args(p)
     add_offload_args(p)
@@ -97,7 +102,7 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError("give --prompt TEXT (repeatable) or --prompt-file FILE")
     gen_kwargs = _generate_kwargs(args)
     check_positive(args.threads, "--threads", minimum=0)
-    cfg = offload_config_from_args(args)
+    cfg = offload_config_from_args(args, threads=args.threads or None)
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
@@ -107,8 +112,6 @@ def main(args: argparse.Namespace) -> int:
 
     hf_moe_offload.install()
     quiet_transformers(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     folder = resolve_folder(args.model, {})  # a wrong path or an uncached id fails here, at once
     tok = AutoTokenizer.from_pretrained(folder)
     if args.chat and not getattr(tok, "chat_template", None):

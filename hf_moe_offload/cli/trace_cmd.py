@@ -58,7 +58,12 @@ def add_parser(sub) -> None:
     p.add_argument("--out", default="hf_moe_offload_trace", help="output folder (default ./hf_moe_offload_trace)")
     p.add_argument("--record-routing", metavar="PATH", help="also save the run's routing (.npz) for bench --replay")
     p.add_argument("--png-steps", type=int, default=8, help="steps drawn in the PNG, prefill included (0: all)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch intra-op threads (0: OffloadConfig's threads='auto': the cores other processes leave free)",
+    )
     p.add_argument("--dtype", default="auto", choices=DTYPES, help="compute dtype (default: the checkpoint's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompt (default 0)")
     add_output_args(p)
@@ -141,7 +146,7 @@ def _inputs(args, model, prompts: list[str], tok):
 
 def main(args: argparse.Namespace) -> int:
     prompts = _check(args)
-    cfg = offload_config_from_args(args)
+    cfg = offload_config_from_args(args, threads=args.threads or None)
     plot = _has_matplotlib()
     if not plot:
         note(
@@ -159,8 +164,6 @@ def main(args: argparse.Namespace) -> int:
 
     hf_moe_offload.install()
     quiet_transformers(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
     folder = resolve_folder(args.model, {})  # a wrong path or an uncached id fails here, at once
     tok = _tokenizer(folder, prompts)

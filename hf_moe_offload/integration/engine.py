@@ -26,6 +26,7 @@ from ..storage import ExpertStore
 from .distributed import local_topology
 from .experts_forward import HANDLE_ATTR
 from .plan import CORRELATION_FILE, LoadPlan
+from .threads import ThreadSizer
 from .tiers import SlotPlan, open_store
 
 __all__ = ["OffloadEngine", "LayerHandle", "live_engines"]
@@ -79,6 +80,8 @@ class OffloadEngine:
         self.layout, self.host_slots, self.device_slots = plan.layout, plan.host_slots, plan.device_slots
         cfg = plan.config
         self.stats = OffloadStats()
+        self.threads = ThreadSizer(cfg.threads)
+        self.threads.apply()
         self.store = open_store(plan.layout, plan.slots or SlotPlan(plan.layout), cfg.io_mode)
         if cfg.io_mode != "cached":
             self.store.drop_cached()
@@ -187,6 +190,7 @@ class OffloadEngine:
         """A `generate` call starts: check that the checkpoint files are unchanged (one `stat` each), so a replaced,
         rewritten or truncated file raises `CheckpointChangedError` before any token is computed from it."""
         self.store.check_files()
+        self.threads.apply()
         if self.prefetcher is not None:
             self.prefetcher.begin_request()
 
@@ -212,6 +216,8 @@ class OffloadEngine:
         out["expert_bytes_total"] = self.topology.total_expert_nbytes
         out["device"] = str(self.device)
         out["policy"] = self.config.policy
+        out["io_mode"] = self.config.io_mode
+        out["threads"] = self.threads.last_decision["threads"]
         if self.plan.shard is not None:
             out["expert_parallel"] = {"rank": self.plan.shard.rank, "size": self.plan.shard.size}
         if self.prefetcher is not None:

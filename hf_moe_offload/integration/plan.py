@@ -15,6 +15,7 @@ engine from the plan: nothing is computed twice, and every bad input fails here,
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import logging
 import os
@@ -36,10 +37,11 @@ from ..storage import (
     build_layout,
     checkpoint_files,
     checkpoint_quantization,
+    choose_io_mode,
     fold_quantized,
     read_header,
 )
-from .budgets import TierLimit, fit_budget, parse_max_memory, tier_limits
+from .budgets import TierLimit, available_host_bytes, fit_budget, parse_max_memory, tier_limits
 from .distributed import ExpertShard, expert_shard, rank_device, shard_correlation, shard_layout, shard_topology
 from .tiers import SlotPlan, plan_slot_layout, split_for_mixed
 
@@ -392,6 +394,11 @@ def make_plan(cls: type, path: str | os.PathLike, kwargs: dict, offload_config) 
     host_slots, device_slots = plan_slots(cfg, topology, slots.layout.slot_nbytes, device, limits)
     if cfg.mixed_precision is not None:
         slots, host_slots = split_for_mixed(slots, host_slots, layout.slot_nbytes, topology.max_top_k)
+    if cfg.io_mode == "auto":
+        room = available_host_bytes()[0] - topology.other_nbytes - host_slots * slots.layout.slot_nbytes
+        mode, why = choose_io_mode(list(layout.files), topology.total_expert_nbytes, room)
+        logger.info("io_mode=auto -> %s (%s)", mode, why)
+        cfg = dataclasses.replace(cfg, io_mode=mode)
     tables = None
     correlation = os.path.join(folder, CORRELATION_FILE)
     if "correlation" in cfg.predictor_names and os.path.isfile(correlation):
@@ -441,11 +448,10 @@ def _log_plan(plan: LoadPlan, limits: dict[str, TierLimit]) -> None:
             limit.source if limit else "-",
         )
     logger.info(
-        "prefetch=%s (depth %d), policy=%s, io_mode=%s, io_threads=%d, torch intra-op threads=%d",
+        "prefetch=%s (depth %d), policy=%s, io_mode=%s, io_threads=%d",
         ",".join(cfg.predictor_names) or "none",
         cfg.prefetch_depth,
         cfg.policy,
         cfg.io_mode,
         cfg.io_threads,
-        torch.get_num_threads(),
     )

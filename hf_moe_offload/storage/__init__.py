@@ -2,7 +2,7 @@
 
 from .layout import ExpertLayout, Piece, build_layout
 from .quantized import SUPPORTED_METHODS, QuantizedWeight, QuantSpec, checkpoint_quantization, fold_quantized
-from .reader import ExpertStore, slot_views
+from .reader import ExpertStore, choose_io_mode, slot_views
 from .safetensors_file import SafetensorsHeader, TensorInfo, checkpoint_files, read_header
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "build_layout",
     "ExpertStore",
     "slot_views",
+    "choose_io_mode",
     "SUPPORTED_METHODS",
     "QuantizedWeight",
     "QuantSpec",

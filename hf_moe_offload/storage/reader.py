@@ -4,7 +4,11 @@ Reads are `preadv` of each piece's byte range straight into the (possibly pinned
 one system call per piece and no intermediate copy when the stored dtype is the compute dtype. Whatever the page
 cache keeps of those bytes is a second copy of experts we already hold, so by default (`io_mode="fadvise"`) each
 range is dropped from the page cache after the read; `"direct"` opens the files with `O_DIRECT` (aligned reads
-through a small per-thread bounce buffer) and never fills the page cache; `"cached"` leaves it alone. The store is
+through a small per-thread bounce buffer) and never fills the page cache; `"cached"` leaves it alone.
+`OffloadConfig(io_mode="auto")` (the default) is resolved at load by `choose_io_mode`: `"cached"` when every expert
+byte fits twice over in the memory left (the page cache then serves misses at memory speed and the kernel can still
+reclaim it), else `"direct"` where the file system takes `O_DIRECT` (measured 1.6x `"fadvise"` on a Mixtral-sized
+checkpoint under a memory limit: docs/benchmarks.md), else `"fadvise"`. The store is
 thread-safe: file descriptors are shared, scratch buffers are per thread. A quantized piece (FP8, MXFP4) is read
 with its scales and dequantized into the slot (quantized.py). A weight whose rows the checkpoint interleaves is
 reordered in the slot once all its pieces are in (one in-memory copy of that weight).
@@ -32,7 +36,7 @@ from ..precision import assemble
 from .layout import ExpertLayout, Piece
 from .quantized import dequantize
 
-__all__ = ["ExpertStore", "FileIdentity", "slot_views"]
+__all__ = ["ExpertStore", "FileIdentity", "slot_views", "choose_io_mode", "direct_io_supported"]
 
 _ALIGN = 4096
 _DIRECT_CHUNK = 8 * 2**20
@@ -48,6 +52,41 @@ def slot_views(slot: torch.Tensor, layout: ExpertLayout, layer: int) -> dict[str
     if specs:
         return assemble(specs, out, dense=layer in layout.dense_math_layers)
     return out
+
+
+def direct_io_supported(path: str) -> bool:
+    """Whether `path`'s file system serves an aligned `O_DIRECT` read (tmpfs and some network file systems do not)."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY | flag)
+    except OSError:
+        return False
+    try:
+        raw = np.empty(2 * _ALIGN, dtype=np.uint8)
+        shift = (-raw.ctypes.data) % _ALIGN
+        _readinto(fd, memoryview(raw[shift : shift + _ALIGN]), 0)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def choose_io_mode(files: list[str], expert_nbytes: int, room_nbytes: int) -> tuple[str, str]:
+    """The I/O mode `io_mode="auto"` resolves to, and why (see the module docstring).
+
+    Args:
+        files: the checkpoint files experts are read from.
+        expert_nbytes: bytes of every expert this process reads.
+        room_nbytes: host memory left once the non-expert weights and the host budget are in.
+    """
+    if 2 * expert_nbytes <= room_nbytes:
+        return "cached", "the experts fit twice in the memory left: misses are served from the page cache"
+    if files and all(direct_io_supported(f) for f in files):
+        return "direct", "the experts do not fit in the memory left; O_DIRECT reads keep the page cache out of it"
+    return "fadvise", "the experts do not fit in the memory left and the file system refuses O_DIRECT"
 
 
 class FileIdentity(NamedTuple):

@@ -108,7 +108,7 @@ def test_a_load_reports_its_decisions_at_info(mixtral_dir, sizes, caplog):
     text = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("hf_moe_offload"))
     assert f"host_budget=50% of expert bytes -> {plan.host_slots} slots" in text, text
     assert "computed on cpu" in text and "io_mode=cached" in text and "prefetch=gate_lookahead" in text, text
-    assert f"torch intra-op threads={torch.get_num_threads()}" in text and "io_threads=2" in text, text
+    assert "io_threads=2" in text, text
     assert all(r.levelno == logging.INFO for r in caplog.records if r.name.startswith("hf_moe_offload"))
 
 

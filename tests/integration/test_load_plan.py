@@ -29,6 +29,7 @@ BAD_VALUES = {
     "device_budget": ("lots", OffloadConfigError),
     "policy": ("random", UnknownNameError),
     "io_threads": (0, OffloadConfigError),
+    "threads": (0, OffloadConfigError),
     "device": ("cuda:0" if not torch.cuda.is_available() else "tpu", OffloadConfigError),
     "io_mode": ("mmap", OffloadConfigError),
     "prefetch": ("gate_lookahead,oracle", UnknownNameError),
