@@ -11,8 +11,8 @@ The rule of `threads="auto"` (the default), applied when the model loads and whe
 
 ```
 cores  = CPUs this process may run on (affinity mask, capped by a cgroup `cpu.max` quota)
-others = cores that other processes kept busy since the last check (/proc/stat busy time less this process's own
-         CPU time, over wall time; a fresh 50 ms sample when the last check is older than 2 s)
+others = threads of other processes runnable at once (/proc/stat procs_running less this process's own threads in
+         state R, the mean of 5 looks over 8 ms): what they want, not the CPU time they got beside us
 torch.set_num_threads(clamp(round(cores - others), 1, cores))
 ```
 
@@ -36,8 +36,7 @@ __all__ = ["ThreadSizer", "usable_cores", "busy_cores_of_others"]
 logger = logging.getLogger("hf_moe_offload")
 
 _USER_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
-_STALE_S = 2.0  # an older baseline averages over idle time: sample afresh
-_SAMPLE_S = 0.05
+_SAMPLES, _GAP_S = 5, 0.002  # 5 looks over 8 ms at each load and generate
 _lock = threading.Lock()
 _last_set: int | None = None  # what this module last passed to torch.set_num_threads
 
@@ -57,20 +56,39 @@ def usable_cores() -> int:
     return max(1, cores)
 
 
-def _sample() -> tuple[float, float, float]:
-    """(wall time, CPU seconds busy on the whole machine, CPU seconds of this process)."""
-    t = psutil.cpu_times()
-    busy = sum(t) - t.idle - getattr(t, "iowait", 0.0) - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0)
-    return time.monotonic(), busy, time.process_time()
+def _procs_running() -> int:
+    """Threads runnable on the whole machine right now (`procs_running` of /proc/stat)."""
+    with open("/proc/stat", "rb") as f:
+        for line in f:
+            if line.startswith(b"procs_running"):
+                return int(line.split()[1])
+    raise OSError("no procs_running in /proc/stat")
 
 
-def busy_cores_of_others(before: tuple[float, float, float], after: tuple[float, float, float]) -> float:
-    """Average number of cores other processes kept busy between two `_sample()`s."""
-    wall = after[0] - before[0]
-    if wall <= 0:
-        return 0.0
-    others = (after[1] - before[1]) - (after[2] - before[2])
-    return max(0.0, others / wall)
+def _own_running() -> int:
+    """Threads of this process that are runnable right now (state R in /proc/self/task/*/stat)."""
+    n = 0
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat", "rb") as f:
+                n += f.read().rsplit(b")", 1)[1].split()[0] == b"R"
+        except (OSError, IndexError):
+            pass  # the thread ended
+    return n
+
+
+def busy_cores_of_others(samples: int = _SAMPLES, gap_s: float = _GAP_S) -> float:
+    """Mean number of other processes' threads runnable at once over `samples` looks `gap_s` apart.
+
+    Runnable threads, not CPU time: while this process computes it takes CPU time from the others, so their CPU time
+    would understate what they want; a runnable thread wants a core whether it has one or not.
+    """
+    seen = []
+    for i in range(samples):
+        if i:
+            time.sleep(gap_s)
+        seen.append(max(0, _procs_running() - _own_running()))
+    return sum(seen) / len(seen)
 
 
 def _user_chose() -> str | None:
@@ -94,8 +112,6 @@ class ThreadSizer:
 
     def __init__(self, threads: int | str):
         self.threads = threads
-        self._baseline: tuple[float, float, float] | None = None
-        self._others = 0.0
         self.last_decision: dict | None = None
 
     def apply(self) -> int:
@@ -109,7 +125,7 @@ class ThreadSizer:
             else:
                 cores, others = usable_cores(), self._others_busy()
                 n = min(cores, max(1, round(cores - others)))
-                why = f"{cores} usable cores, {others:.1f} kept busy by other processes"
+                why = f"{cores} usable cores, {others:.1f} threads of other processes runnable"
             if not why.startswith("left"):
                 if n != torch.get_num_threads():
                     torch.set_num_threads(n)
@@ -121,14 +137,7 @@ class ThreadSizer:
             return n
 
     def _others_busy(self) -> float:
-        now = _sample()
-        if self._baseline is None or now[0] - self._baseline[0] > _STALE_S:
-            time.sleep(_SAMPLE_S)
-            before, now = now, _sample()
-        elif now[0] - self._baseline[0] < _SAMPLE_S:  # back-to-back calls: too short a window to tell
-            return self._others
-        else:
-            before = self._baseline
-        self._baseline = now
-        self._others = busy_cores_of_others(before, now)
-        return self._others
+        try:
+            return busy_cores_of_others()
+        except OSError:  # no /proc (not Linux): assume the cores are ours
+            return 0.0

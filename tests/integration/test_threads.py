@@ -41,17 +41,16 @@ def busy_cores():
         p.wait()
 
 
-def test_others_busy_is_machine_busy_time_less_our_own_over_wall_time():
-    assert busy_cores_of_others((0.0, 10.0, 1.0), (2.0, 14.0, 2.0)) == pytest.approx(1.5)
-    assert busy_cores_of_others((0.0, 10.0, 1.0), (1.0, 10.5, 2.0)) == 0.0  # never negative
-    assert busy_cores_of_others((1.0, 0.0, 0.0), (1.0, 5.0, 0.0)) == 0.0  # no time passed
+def test_this_process_own_running_threads_are_not_counted_as_others(busy_cores):
+    assert threads_mod._own_running() >= 1  # the thread that looks is running
+    assert busy_cores_of_others() >= busy_cores - 0.5  # every spinner seen, whatever this process does
 
 
 def test_auto_gives_one_thread_when_other_processes_keep_every_core_busy(busy_cores, caplog):
     with caplog.at_level(logging.INFO, logger="hf_moe_offload"):
         n = ThreadSizer("auto").apply()
     assert n == 1 == torch.get_num_threads()
-    assert any("kept busy by other processes" in r.getMessage() for r in caplog.records), caplog.text
+    assert any("threads of other processes runnable" in r.getMessage() for r in caplog.records), caplog.text
 
 
 def test_auto_follows_the_load_from_one_call_to_the_next(busy_cores):
