@@ -20,6 +20,9 @@ dispatch): a rank's experts see the routing of 1 token per step here, of N token
 layout, so the plan's 2-rank figure is for twice the work of this run's.
 
 python scripts/bench_expert_parallel.py --out /tmp/ep_bench --ram-limit 1400MiB
+
+The ranks, their launch and the prediction live in `hf_moe_offload.bench.expert_parallel_bench`, which
+`hf-moe-offload bench --world-size N` runs too; this script keeps its own checkpoint, flags and output.
 """
 
 from __future__ import annotations
@@ -27,109 +30,28 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
-import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
+
+from hf_moe_offload.bench.expert_parallel_bench import model_summary, plan_memory_bytes, predict, run_ranks
 
 GiB = 1 << 30
 
 
-def _worker(spec: dict) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM
-    from transformers.distributed import DistributedConfig
-
-    import hf_moe_offload  # noqa: F401
-    from hf_moe_offload.bench.decode_bench import StepTimer
-    from hf_moe_offload.bench.sysmem import rss_breakdown
-
-    torch.set_num_threads(spec["threads"])
-    world = int(os.environ["WORLD_SIZE"])
-    kwargs = {"distributed_config": DistributedConfig(tp_size=world, ep_size=world)} if world > 1 else {}
-    t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(
-        spec["model"], dtype=torch.bfloat16, offload_config={"host_budget": spec["host_budget"]}, **kwargs
-    )
-    load_s = time.perf_counter() - t0
-    ids = torch.randint(0, model.config.vocab_size, (1, spec["prompt"]), generator=torch.Generator().manual_seed(0))
-    timer = StepTimer()
-    with torch.no_grad():
-        timer.start()
-        model.generate(ids, max_new_tokens=spec["new_tokens"], do_sample=False, logits_processor=[timer])
-    stats = model.offload_stats()
-    decode = timer.steps[1:]
-    out = {
-        "rank": int(os.environ["RANK"]),
-        "load_s": load_s,
-        "ttft_s": timer.steps[0],
-        "decode_tok_s": len(decode) / sum(decode),
-        "hit_rate": stats["hit_rate"],
-        "bytes_loaded": stats["bytes_loaded"],
-        "expert_bytes_total": stats["expert_bytes_total"],
-        "host_slots": stats["host_slots"],
-        "rss_hwm_bytes": rss_breakdown()["VmHWM"],
-    }
-    print("RESULT " + json.dumps(out), flush=True)
-    if world > 1:
-        torch.distributed.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(world: int, spec: dict, limit: int, timeout: float) -> dict:
     """Start `world` ranks, each in its own memory cgroup of `limit` bytes; rank 0's result plus every rank's peak."""
-    from hf_moe_offload.bench.sysmem import run_in_memory_cgroup
-
-    port = _free_port()
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
-
-    def rank(r: int):
-        env = {
-            **os.environ,
-            "RANK": str(r),
-            "LOCAL_RANK": str(r),
-            "WORLD_SIZE": str(world),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "OMP_NUM_THREADS": str(spec["threads"]),
-            "TRANSFORMERS_VERBOSITY": "error",
-            "HF_HUB_OFFLINE": "1",
-        }
-        return run_in_memory_cgroup(cmd, limit, timeout=timeout, env=env)
-
-    with ThreadPoolExecutor(world) as pool:
-        results = list(pool.map(rank, range(world)))
-    parsed = []
-    for r, res in enumerate(results):
-        line = next((x for x in res.completed.stdout.splitlines() if x.startswith("RESULT ")), None)
-        if res.completed.returncode != 0 or line is None:
-            raise RuntimeError(
-                f"rank {r} of {world} failed ({res.completed.returncode}):\n{res.completed.stderr[-3000:]}"
-            )
-        parsed.append({**json.loads(line[len("RESULT ") :]), "peak_bytes": res.max_usage_bytes})
-    return {"ranks": parsed, **{k: parsed[0][k] for k in ("decode_tok_s", "ttft_s", "hit_rate")}}
+    result = run_ranks(world, spec, limit_bytes=limit, timeout=timeout)
+    if "error" in result:
+        raise RuntimeError(result["error"])
+    return result
 
 
 def _predict(model: str, world_sizes, memory: str | None, profile_path: str | None, budget: str) -> dict:
     """`plan`'s batch-1 tokens/s per rank (dispatch included) for each world size, and what it was given."""
-    from transformers import AutoConfig
-
-    from hf_moe_offload.cli.inspect_cmd import inspect_path
     from hf_moe_offload.config import parse_budget
-    from hf_moe_offload.scheduling.model_plan import plan_for_model
     from hf_moe_offload.scheduling.profile import HardwareProfile, measure_profile
 
-    info = inspect_path(model)
-    config = AutoConfig.from_pretrained(model)
-    share = parse_budget(budget, "--one-rank-budget")
-    cache = share.nbytes if share.nbytes is not None else int(share.fraction * info["expert_bytes"])
-    nbytes = parse_budget(memory, "--plan-memory").nbytes if memory else info["other_bytes"] + cache + (1 << 20)
+    info = model_summary(model)
+    nbytes = parse_budget(memory, "--plan-memory").nbytes if memory else plan_memory_bytes(info, budget)
     if profile_path:
         profile = HardwareProfile.load(profile_path)
     else:
@@ -137,12 +59,8 @@ def _predict(model: str, world_sizes, memory: str | None, profile_path: str | No
             (os.path.join(model, f) for f in os.listdir(model) if f.endswith(".safetensors")), key=os.path.getsize
         )
         profile = measure_profile(info["params"], info["dtype"], sample_file=largest)
-    out = {"plan_memory_bytes": nbytes, "disk_read_Bps": profile.disk_read_Bps}
-    for world in world_sizes:
-        p = plan_for_model(
-            profile, info, nbytes, model_config=config, context=64, batch_candidates=[1], world_size=world
-        )
-        out[world] = {"tokens_per_s": p.tokens_per_s, "hit_rate": p.hit_rate, "step_s": p.step_s}
+    out: dict = {"plan_memory_bytes": nbytes, "disk_read_Bps": profile.disk_read_Bps}
+    out.update(predict(model, info, list(world_sizes), nbytes, profile))
     return out
 
 
@@ -163,8 +81,20 @@ def main() -> None:
     p.add_argument("--profile", help="HardwareProfile JSON for the prediction (default: measured on the checkpoint)")
     p.add_argument("--plan-memory", help="memory per process the prediction plans (default: dense + 1-rank budget)")
     args = p.parse_args()
-    if args.worker:
-        return _worker(json.loads(args.worker))
+    if args.worker:  # the ranks now run `expert_parallel_bench.rank_worker`; kept for old command lines
+        from hf_moe_offload.bench.expert_parallel_bench import rank_worker
+
+        spec = json.loads(args.worker)
+        spec = {
+            "model_dir": spec["model"],
+            "offload_config": {"host_budget": spec["host_budget"]},
+            "prompt_len": spec["prompt"],
+            "new_tokens": spec["new_tokens"],
+            "threads": spec["threads"],
+            "dtype": "bfloat16",
+        }
+        print("RESULT " + json.dumps(rank_worker(spec)), flush=True)
+        return None
 
     from hf_moe_offload.bench.synth import synthesize_mixtral
     from hf_moe_offload.config import parse_budget
@@ -181,13 +111,16 @@ def main() -> None:
             progress=False,
         )
     limit = parse_budget(args.ram_limit, "--ram-limit").nbytes
-    base = {"model": model, "prompt": args.prompt, "new_tokens": args.new_tokens}
+    base = {"model_dir": model, "prompt_len": args.prompt, "new_tokens": args.new_tokens, "dtype": "bfloat16"}
     runs = {
         f"1 rank, {args.one_rank_budget} of the experts cached": (
             1,
-            {**base, "host_budget": args.one_rank_budget, "threads": 2},
+            {**base, "offload_config": {"host_budget": args.one_rank_budget}, "threads": 2},
         ),
-        "2 ranks (ep_size=2), 100% of own half": (2, {**base, "host_budget": "100%", "threads": 1}),
+        "2 ranks (ep_size=2), 100% of own half": (
+            2,
+            {**base, "offload_config": {"host_budget": "100%"}, "threads": 1},
+        ),
     }
     measured: dict[str, list[dict]] = {name: [] for name in runs}
     for _ in range(args.repeats):

@@ -1,5 +1,6 @@
 """`hf-moe-offload bench`: latency and throughput of an offloaded MoE model against the in-memory model,
-accelerate's disk offload at the same memory budget, and this library with features switched off one by one.
+accelerate's disk offload at the same memory budget, and this library with features switched off one by one;
+with `--world-size N`, the model on 1 rank against N expert-parallel ranks (cli.bench_expert_parallel).
 
 ```
 MODEL | --synth PRESET (real per-layer shapes, depth scaled to --max-disk, cached)   [--replay TRACE.npz]
@@ -72,9 +73,10 @@ def add_parser(sub) -> None:
     g.add_argument("--budgets", default="25,50", help="expert budgets: percents of expert bytes or amounts (2GiB)")
     g.add_argument(
         "--baselines",
-        default="memory,accelerate",
+        default=None,
         help="comma-separated: memory, accelerate, llamacpp (bf16, q8_0 and q4_k_m GGUFs; or llamacpp-q8_0 for one: "
-        "needs the llamacpp extra, teacher-forces every contender) or none",
+        "needs the llamacpp extra, teacher-forces every contender) or none (default memory,accelerate; none with "
+        "--world-size N > 1, which refuses any other)",
     )
     g.add_argument(
         "--ablate",
@@ -100,6 +102,13 @@ def add_parser(sub) -> None:
     g.add_argument("--timeout", type=float, default=1800, help="seconds per worker run (default 1800)")
     g.add_argument("--bandwidth-bytes", default="512MiB", help="bytes read per bandwidth sample (default 512MiB)")
     g.add_argument("--in-process", action="store_true", help="run in this process (tests, debugging; no cgroup)")
+    g.add_argument(
+        "--world-size",
+        type=int,
+        default=1,
+        help="N > 1: the offloaded model as 1 rank and as N expert-parallel ranks (DistributedConfig(tp_size=N, "
+        "ep_size=N)), each process under the same limit with --ramlimit, beside plan's prediction (default 1)",
+    )
     g.add_argument("--json-out", help="also write the JSON record to this file")
     add_output_args(p)
     add_offload_args(p)
@@ -219,6 +228,9 @@ def _check(args: argparse.Namespace) -> tuple[list[int], int, int]:
         parse_budget(args.max_disk, "--max-disk")
     if args.safety_limit.strip().lower() != "none":
         parse_budget(args.safety_limit, "--safety-limit")
+    from .bench_expert_parallel import check_world_size
+
+    check_world_size(args)
     return batches, overhead, sample_bytes
 
 
@@ -236,12 +248,17 @@ def main(args: argparse.Namespace) -> int:
     start = time.time()
     device = args.offload_device or "auto"
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() and args.world_size == 1 else "cpu"
     overrides = _offload_overrides(args, device)
     budgets, ablations = _csv(args.budgets), _csv(args.ablate)
-    baselines = [b for b in _csv(args.baselines) if b != "none"]
+    default_baselines = "memory,accelerate" if args.world_size == 1 else "none"
+    baselines = [b for b in _csv(args.baselines or default_baselines) if b != "none"]
     # Validate budgets, baselines, ablations and scenarios before a model is synthesized or measured.
     make_configs(budgets, baselines=baselines, ablations=ablations, offload=overrides, device=device)
+    if args.world_size > 1:  # 1 rank against N ranks: its own driver (baselines and ablations refused in _check)
+        from .bench_expert_parallel import run_expert_parallel
+
+        return run_expert_parallel(args, budgets, overrides, overhead, sample_bytes)
     points = make_points(_csv(args.scenario), batches, args.prompt_len, args.max_new_tokens)
     if args.replay:
         points, notes = _replay_points(points, args.replay)
