@@ -94,6 +94,7 @@ def summarise(
                 "moved_bytes_per_step": _median(p.get("moved_bytes_per_step") for p in ok),
                 "h2d_bytes_per_step": _median(p.get("h2d_bytes_per_step") for p in ok),
                 "disk_read_bytes_per_step": _median(p.get("disk_read_bytes_per_step") for p in ok),
+                "wasted_bytes_per_step": _median(p.get("wasted_bytes_per_step") for p in ok),
                 "compute_s_per_step": _median(p.get("compute_s_per_step") for p in ok),
                 "stall_s_per_step": _median(p.get("stall_s_per_step") for p in ok),
                 "hit_rate": _median(p.get("hit_rate") for p in ok),
@@ -181,7 +182,7 @@ def format_tables(
         ]
         lines.append(
             f"{'config':<30}{'TTFT s':>8}{'p50 ms':>9}{'p90 ms':>9}{'tok/s':>9}{'x accel':>8}{'x mem':>7}"
-            f"{'moved MB':>9}{'disk MB':>8}{'hit %':>6}{'stall ms':>9}{'bound ms':>9}{'effic.':>7}"
+            f"{'moved MB':>9}{'disk MB':>8}{'wasted MB':>10}{'hit %':>6}{'stall ms':>9}{'bound ms':>9}{'effic.':>7}"
             f"{'same tok':>9}{'top-1 %':>8}"
         )
         for name, s in table.items():
@@ -189,7 +190,8 @@ def format_tables(
                 f"{name:<30}{_f(s['ttft_s'], '.2f'):>8}{_f(s['step_p50_s'], '.1f', 1e-3):>9}"
                 f"{_f(s['step_p90_s'], '.1f', 1e-3):>9}{_f(s['tok_s'], '.2f'):>9}{_f(s['x_accelerate']):>8}"
                 f"{_f(s['x_memory']):>7}{_f(s['moved_bytes_per_step'], '.1f', 1e6):>9}"
-                f"{_f(s['disk_read_bytes_per_step'], '.1f', 1e6):>8}{_f(s['hit_rate'], '.0f', 0.01):>6}"
+                f"{_f(s['disk_read_bytes_per_step'], '.1f', 1e6):>8}{_f(s['wasted_bytes_per_step'], '.1f', 1e6):>10}"
+                f"{_f(s['hit_rate'], '.0f', 0.01):>6}"
                 f"{_f(s['stall_s_per_step'], '.1f', 1e-3):>9}{_f(s['lower_bound_s'], '.1f', 1e-3):>9}"
                 f"{_f(s['efficiency']):>7}{str(s['tokens_match_memory']):>9}{_f(s['top1_vs_memory'], '.0f', 0.01):>8}"
             )
@@ -198,7 +200,7 @@ def format_tables(
     lines += [
         "",
         "moved/disk MB: per decode step (moved = bytes the method had to bring in; disk = what the worker "
-        "read from storage); bound = max(compute, moved / bandwidth) (llamacpp: moved / bandwidth); "
+        "read from storage; wasted = prefetched bytes dropped unused); bound = max(compute, moved / bandwidth) (llamacpp: moved / bandwidth); "
         "effic. = bound / p50 step; top-1 % = agreement of the first run's top-1 ids with the memory model's",
     ]
     return "\n".join(lines)

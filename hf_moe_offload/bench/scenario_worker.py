@@ -202,6 +202,8 @@ def run_point(model, spec: dict, point: dict, trace=None) -> dict:
     elif engine is not None:
         result["moved_bytes_per_step"] = _mean(_deltas([e[1] for e in timer.extras]))
         result["h2d_bytes_per_step"] = _mean(_deltas([e[2] for e in timer.extras])) or None
+        wasted = after["prefetch_wasted_bytes"] - before["prefetch_wasted_bytes"]
+        result["wasted_bytes_per_step"] = wasted / max(1, len(timer.steps))  # speculative reads never used
         hits, misses = (after[k] - before[k] for k in ("hits", "misses"))
         result.update(hits=hits, misses=misses, hit_rate=hits / (hits + misses) if hits + misses else None)
         steps = max(1, len(decode))

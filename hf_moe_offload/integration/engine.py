@@ -213,6 +213,7 @@ class OffloadEngine:
         out["read_from"] = "sidecar" if slots.sidecar else "checkpoint"
         tokens = out["tokens_generated"]
         out["bytes_loaded_per_token"] = out["bytes_loaded"] / tokens if tokens else None
+        out["prefetch_wasted_bytes_per_token"] = out["prefetch_wasted_bytes"] / tokens if tokens else None
         out["expert_bytes_total"] = self.topology.total_expert_nbytes
         out["device"] = str(self.device)
         out["policy"] = self.config.policy
