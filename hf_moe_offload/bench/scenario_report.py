@@ -21,6 +21,7 @@ no floor for its kernels. `top1_vs_memory` compares each configuration's first-r
 
 from __future__ import annotations
 
+import platform
 import statistics
 
 from ..config import format_bytes
@@ -28,7 +29,7 @@ from ..scheduling.planner import lower_bound
 from ..scheduling.profile import HardwareProfile
 from .scenario_bench import BenchConfig
 
-__all__ = ["format_tables", "limits_record", "summarise", "summarise_configs"]
+__all__ = ["format_tables", "limits_record", "summarise", "summarise_configs", "versions_record"]
 
 
 def limits_record(profile: HardwareProfile) -> dict:
@@ -38,6 +39,21 @@ def limits_record(profile: HardwareProfile) -> dict:
         "page_cache_Bps": profile.page_cache_read_Bps,
         "h2d_Bps": profile.h2d_Bps,
         "disk_samples_Bps": list(profile.disk_samples_Bps),
+    }
+
+
+def versions_record() -> dict:
+    """The `versions` of the JSON line: what produced the figures."""
+    import torch
+    import transformers
+
+    from .. import __version__
+
+    return {
+        "hf_moe_offload": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
     }
 
 

@@ -22,6 +22,7 @@ __all__ = [
     "add_output_args",
     "offload_config_from_args",
     "emit",
+    "write_json_out",
     "note",
     "progress_enabled",
     "quiet_transformers",
@@ -84,6 +85,13 @@ def quiet_transformers(args: argparse.Namespace) -> None:
         logging.enable_progress_bar()
     else:
         logging.disable_progress_bar()
+
+
+def write_json_out(args: argparse.Namespace, record: dict) -> None:
+    """`--json-out FILE`: the record as one JSON line in FILE as well."""
+    if getattr(args, "json_out", None):
+        with open(args.json_out, "w", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
 
 
 def emit(args: argparse.Namespace, record: dict, table: str | None = None) -> None:

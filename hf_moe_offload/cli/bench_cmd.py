@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
-import platform
 import time
 
 from ..config import OffloadConfig, format_bytes, parse_budget
@@ -39,6 +37,7 @@ from .args import (
     emit,
     note,
     progress_enabled,
+    write_json_out,
 )
 
 __all__ = ["add_parser", "main"]
@@ -238,11 +237,10 @@ def main(args: argparse.Namespace) -> int:
     batches, overhead, sample_bytes = _check(args)
 
     import torch
-    import transformers
 
     from ..bench.decode_bench import checkpoint_bytes
     from ..bench.scenario_bench import make_configs, make_points, run_scenarios
-    from ..bench.scenario_report import format_tables, limits_record, summarise, summarise_configs
+    from ..bench.scenario_report import format_tables, limits_record, summarise, summarise_configs, versions_record
     from ..scheduling.profile import measure_read_bandwidth
 
     start = time.time()
@@ -310,7 +308,6 @@ def main(args: argparse.Namespace) -> int:
     limits.add_disk_sample(measure_read_bandwidth(model_dir, block=_BLOCK, max_bytes=sample_bytes)[0])
     results = summarise(runs, configs, points, limits, mode)
     config_info = summarise_configs(runs, configs, sizes)
-    import hf_moe_offload
 
     record = {
         "bench": "hf_moe_offload",
@@ -332,16 +329,9 @@ def main(args: argparse.Namespace) -> int:
         "configs": config_info,
         "results": results,
         "wall_s": time.time() - start,
-        "versions": {
-            "hf_moe_offload": hf_moe_offload.__version__,
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "python": platform.python_version(),
-        },
+        "versions": versions_record(),
     }
-    if args.json_out:
-        with open(args.json_out, "w", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+    write_json_out(args, record)
     emit(args, record, format_tables(results, points, config_info, limits=limits, mode=mode))
     failed = any(s["runs_ok"] < s["runs"] for table in results.values() for s in table.values())
     return 1 if failed else 0

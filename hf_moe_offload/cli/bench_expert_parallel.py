@@ -20,12 +20,10 @@ scenario is batch-1 decoding (`--prompt-len`, `--max-new-tokens`); `--scenario` 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
 
 from ..config import format_bytes
-from .args import UsageError, emit, note
+from .args import UsageError, emit, note, write_json_out
 
 __all__ = ["check_world_size", "run_expert_parallel"]
 
@@ -77,11 +75,7 @@ def run_expert_parallel(
 ) -> int:
     """Run the comparison of `check_world_size`-checked `args`; `budgets`, `overrides` (OffloadConfig fields for
     every run), `overhead` and `sample_bytes` as `bench` validated them. Returns the exit status."""
-    import torch
-    import transformers
     from transformers import AutoConfig
-
-    import hf_moe_offload
 
     from ..bench.decode_bench import checkpoint_bytes
     from ..bench.expert_parallel_bench import (
@@ -93,7 +87,7 @@ def run_expert_parallel(
         summarise,
     )
     from ..bench.scenario_bench import make_configs
-    from ..bench.scenario_report import limits_record
+    from ..bench.scenario_report import limits_record, versions_record
     from ..bench.sysmem import CgroupUnavailableError, find_memory_cgroup
     from ..scheduling.model_plan import shape_for_model
     from .bench_cmd import _measure_limits, _resolve_model, _safety_bytes
@@ -167,16 +161,9 @@ def run_expert_parallel(
         "limits": limits_record(limits),
         "results": rows,
         "wall_s": time.time() - start,
-        "versions": {
-            "hf_moe_offload": hf_moe_offload.__version__,
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "python": platform.python_version(),
-        },
+        "versions": versions_record(),
     }
-    if args.json_out:
-        with open(args.json_out, "w", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+    write_json_out(args, record)
     limit_line = (
         f"each process in a memory cgroup of dense + budget + {format_bytes(overhead)}"
         if args.ramlimit
