@@ -25,7 +25,7 @@ import platform
 import statistics
 
 from ..config import format_bytes
-from ..scheduling.planner import lower_bound
+from ..scheduling.cost_model import lower_bound
 from ..scheduling.profile import HardwareProfile
 from .scenario_bench import BenchConfig
 

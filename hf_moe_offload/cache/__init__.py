@@ -1,6 +1,7 @@
 """The shared expert cache: slot pools per tier, leases, eviction policies and statistics."""
 
-from .expert_cache import ExpertCache, Lease
+from .entries import Lease
+from .expert_cache import ExpertCache
 from .policies import EvictionPolicy, LFUPolicy, LRUPolicy, list_policies, make_policy, register_policy
 from .slots import SlotPool
 from .stats import OffloadStats

@@ -9,7 +9,8 @@ never more than the budget allows): no fragmentation, and moving an expert is on
 tier is the device tier when CUDA is used, the host tier otherwise. An expert in use (pinned by a `Lease`) or still
 loading is never evicted; among the rest the eviction policy chooses. Weights are read-only, so an evicted expert
 is dropped, never written back. Loads run on a thread pool; on CUDA the host->device copy runs on a side stream
-and the compute stream waits on its event, so the compute thread never blocks on a copy.
+and the compute stream waits on its event, so the compute thread never blocks on a copy. The per-expert records
+(`Entry`, `Tier`, `Lease`) are in entries.py; this module decides, under one lock, what they hold.
 
 Prefetching (`prefetch`) reserves a slot and queues a *speculative* load behind every demand load
 (`PriorityLoader`); it never evicts a pinned, loading or *protected* expert (those predicted for the current or
@@ -29,109 +30,20 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import Future
 
 import torch
 
 from ..errors import ExpertLoadTimeoutError
-from ..storage import ExpertStore, slot_views
+from ..storage import ExpertStore
+from .entries import Entry, Key, Lease, Tier
 from .loader import QUEUED, PriorityLoader
-from .policies import EvictionPolicy
 from .slots import SlotPool
 from .stats import OffloadStats
 from .timeline import Timeline
 
-__all__ = ["ExpertCache", "Lease", "DEFAULT_LOAD_TIMEOUT"]
-
-Key = tuple[int, int]
+__all__ = ["ExpertCache", "DEFAULT_LOAD_TIMEOUT"]
 
 DEFAULT_LOAD_TIMEOUT = 600.0  # seconds; reading one expert takes milliseconds, a stalled disk or mount forever
-
-
-class _Entry:
-    __slots__ = (
-        "key",
-        "slot",
-        "pins",
-        "future",
-        "event",
-        "speculative",
-        "used",
-        "job_state",
-        "priority",
-        "deadline",
-        "last_used",
-        "abandoned",
-    )
-
-    def __init__(self, key: Key, slot: int, speculative: bool = False):
-        self.key, self.slot, self.pins = key, slot, 0
-        self.future: Future = Future()
-        self.event = None
-        self.speculative, self.used = speculative, False
-        self.job_state, self.priority, self.deadline = None, 0, None
-        self.last_used = 0
-        self.abandoned = False  # timed out while its read ran: the slot is freed when the read returns
-
-
-class _Tier:
-    def __init__(self, pool: SlotPool, policy: EvictionPolicy):
-        self.pool, self.policy = pool, policy
-        self.entries: dict[Key, _Entry] = {}
-
-    def evictable(self, protected: frozenset = frozenset()) -> list[Key]:
-        return [k for k, e in self.entries.items() if e.pins == 0 and e.future.done() and k not in protected]
-
-    def cancellable(self) -> list[_Entry]:
-        return [e for e in self.entries.values() if e.pins == 0 and e.speculative and e.job_state == QUEUED]
-
-    def can_reserve(self, protected: frozenset = frozenset(), demand: bool = True) -> bool:
-        if self.pool.num_free > 0 or self.evictable(protected):
-            return True
-        return demand and bool(self.evictable() or self.cancellable())
-
-
-class Lease:
-    """A pin on one expert in the compute tier: `wait()` returns its weights, `release()` unpins it."""
-
-    def __init__(self, cache: ExpertCache, entry: _Entry, hit: bool):
-        self._cache, self._entry, self.hit = cache, entry, hit
-        self._released = False
-
-    @property
-    def key(self) -> Key:
-        return self._entry.key
-
-    @property
-    def future(self) -> Future:
-        return self._entry.future
-
-    def ready(self) -> bool:
-        return self._entry.future.done()
-
-    def wait(self) -> dict[str, torch.Tensor]:
-        """Block until loaded (the time counts as stall), then return `{weight name: per-expert tensor}`."""
-        fut = self._entry.future
-        if not fut.done():
-            t0 = time.perf_counter()
-            fut.result()
-            self._cache.stats.stall(time.perf_counter() - t0)
-        else:
-            fut.result()  # re-raise a failed load
-        if self._entry.event is not None:
-            torch.cuda.current_stream(self._cache.device).wait_event(self._entry.event)
-        layer = self._entry.key[0]
-        return slot_views(self._cache.compute.pool.buffer(self._entry.slot), self._cache.layout, layer)
-
-    def release(self) -> None:
-        if not self._released:
-            self._released = True
-            cache = self._cache
-            if cache.device.type == "cuda":  # kernels reading this slot may still be queued on the compute stream
-                event = torch.cuda.Event()
-                event.record(torch.cuda.current_stream(cache.device))
-                cache.compute.pool.release_events[self._entry.slot] = event
-            cache._unpin(cache.compute, self._entry)
 
 
 class ExpertCache:
@@ -165,9 +77,9 @@ class ExpertCache:
         self._lock = threading.Condition()
         cuda = device.type == "cuda"
         nbytes = self.layout.slot_nbytes
-        self.host = _Tier(SlotPool("host", host_slots, nbytes, torch.device("cpu"), pin_memory=cuda), policy_factory())
+        self.host = Tier(SlotPool("host", host_slots, nbytes, torch.device("cpu"), pin_memory=cuda), policy_factory())
         if cuda:
-            self.compute = _Tier(SlotPool("device", device_slots, nbytes, device), policy_factory())
+            self.compute = Tier(SlotPool("device", device_slots, nbytes, device), policy_factory())
             self._copy_stream = torch.cuda.Stream(device)
             self._staging = threading.local()
         else:
@@ -187,8 +99,15 @@ class ExpertCache:
         return self.compute.pool.n_slots
 
     def resident(self) -> set[Key]:
+        """The experts loaded in the compute tier (not those still loading or failed)."""
         with self._lock:
-            return {k for k, e in self.compute.entries.items() if e.future.done() and e.future.exception() is None}
+            return {k for k, e in self.compute.entries.items() if e.loaded}
+
+    def is_resident(self, key: Key) -> bool:
+        """`key in self.resident()` without building the set: one lookup, for per-expert checks on the hot path."""
+        with self._lock:
+            e = self.compute.entries.get(key)
+            return e is not None and e.loaded
 
     @property
     def load_timeout(self) -> float | None:
@@ -314,19 +233,19 @@ class ExpertCache:
                     )
 
     # -- internals (call with the lock held unless noted) ----------------------------------------------------------
-    def _pin(self, tier: _Tier, e: _Entry, hit: bool) -> None:
+    def _pin(self, tier: Tier, e: Entry, hit: bool) -> None:
         e.pins += 1
         e.last_used = self._tick
         tier.policy.on_access(e.key)
         if tier is self.compute:
             (self.stats.hit if hit else self.stats.miss)(e.key[0])
 
-    def _unpin(self, tier: _Tier, e: _Entry) -> None:
+    def _unpin(self, tier: Tier, e: Entry) -> None:
         with self._lock:
             e.pins -= 1
             self._lock.notify_all()
 
-    def _discard(self, tier: _Tier, e: _Entry) -> None:
+    def _discard(self, tier: Tier, e: Entry) -> None:
         """Remove an entry (lock held): count a never-used prefetch as wasted, free its slot."""
         del tier.entries[e.key]
         tier.policy.on_remove(e.key)
@@ -338,7 +257,7 @@ class ExpertCache:
             e.future.cancel()
         tier.pool.give(e.slot)
 
-    def _reserve(self, tier: _Tier, key: Key, speculative: bool = False) -> _Entry | None:
+    def _reserve(self, tier: Tier, key: Key, speculative: bool = False) -> Entry | None:
         """A new entry for `key` in a free or freed slot; None when the only candidates all started meanwhile."""
         slot = tier.pool.take()
         if slot is None:
@@ -354,12 +273,12 @@ class ExpertCache:
                 self.stats.add("prefetch_cancelled")
             self._discard(tier, old)
             slot = tier.pool.take()
-        e = _Entry(key, slot, speculative)
+        e = Entry(key, slot, speculative)
         tier.entries[key] = e
         tier.policy.on_insert(key)
         return e
 
-    def _drop(self, tier: _Tier, e: _Entry) -> None:
+    def _drop(self, tier: Tier, e: Entry) -> None:
         with self._lock:
             if tier.entries.get(e.key) is e:
                 del tier.entries[e.key]
@@ -367,7 +286,7 @@ class ExpertCache:
                 tier.pool.give(e.slot)
             self._lock.notify_all()
 
-    def _load(self, e: _Entry) -> None:
+    def _load(self, e: Entry) -> None:
         """Runs on an I/O thread: fill the compute-tier slot of `e` (not holding the lock)."""
         t0 = time.perf_counter()
         layer, expert = e.key
@@ -408,7 +327,7 @@ class ExpertCache:
                 else:
                     e.future.set_exception(error)
 
-    def _timed_out(self, e: _Entry, running: bool) -> None:
+    def _timed_out(self, e: Entry, running: bool) -> None:
         """The loader's watchdog: `e` was not loaded within `load_timeout`. Fail its waiters and forget the expert
         (a later request reads it again); a slot whose read still runs is freed by `_load` when the read returns."""
         with self._lock:
@@ -434,7 +353,7 @@ class ExpertCache:
                 )
             self._lock.notify_all()
 
-    def _load_to_device(self, e: _Entry) -> None:
+    def _load_to_device(self, e: Entry) -> None:
         layer, expert = e.key
         host_entry, src, owner = None, None, False
         with self._lock:

@@ -13,11 +13,10 @@ prefetcher works on `low` (a speculative load is cheap there). `for_call` gives 
 
 from __future__ import annotations
 
-from .expert_cache import ExpertCache, Lease
+from .entries import Key, Lease
+from .expert_cache import ExpertCache
 
 __all__ = ["MixedPrecisionCaches"]
-
-Key = tuple[int, int]
 
 
 class _CallView:
@@ -28,8 +27,7 @@ class _CallView:
         self.stats, self.timeline = caches.low.stats, caches.low.timeline
 
     def _full(self, key: Key) -> bool:
-        full = self._c.full
-        if key in full.resident():
+        if self._c.full.is_resident(key):
             return True
         return self._importance.get(key[1], 0.0) >= self._c.threshold
 

@@ -134,8 +134,8 @@ def _measure_step_overhead(
 
     import hf_moe_offload
 
+    from ..scheduling.cost_model import estimate_step
     from ..scheduling.model_plan import COMPUTE_ITEMSIZE, kv_bytes_per_token
-    from ..scheduling.planner import estimate_step
 
     hf_moe_offload.install()
     prompt_len, steps = 8, 12
@@ -248,9 +248,9 @@ def main(args: argparse.Namespace) -> int:
     from transformers import AutoConfig
 
     from ..prefetch import RoutingTrace
+    from ..scheduling.cost_model import distinct_from_trace
     from ..scheduling.expert_parallel import DEFAULT_LINK, Link, check_divides, parse_bandwidth
     from ..scheduling.model_plan import plan_for_model, shape_for_model
-    from ..scheduling.planner import distinct_from_trace
     from ..scheduling.profile import HardwareProfile, measure_profile
     from .inspect_cmd import inspect_path
 

@@ -25,8 +25,9 @@ from typing import Any
 import torch
 
 from ..config import OffloadConfig
+from .cost_model import ModelShape
 from .model_plan import DEFAULT_CONTEXT, plan_for_model, shape_for_model
-from .planner import ModelShape, expert_slots
+from .planner import expert_slots
 from .profile import HardwareProfile, canonical_dims, measure_profile
 
 __all__ = ["resolve_auto", "auto_config", "auto_profile", "default_profile_dir"]

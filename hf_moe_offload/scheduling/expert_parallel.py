@@ -27,7 +27,8 @@ from typing import Any
 
 from ..config import parse_budget
 from ..errors import OffloadConfigError, UnsupportedParallelismError
-from .planner import DEFAULT_BATCHES, ModelShape, Plan, _distinct_at, expected_distinct, plan
+from .cost_model import DEFAULT_BATCHES, ModelShape, expected_distinct
+from .planner import Plan, _distinct_at, plan
 from .profile import HardwareProfile
 
 __all__ = [

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from .cost_model import DEFAULT_BATCHES, ModelShape
 from .expert_parallel import DEFAULT_LINK, Link, plan_expert_parallel
-from .planner import DEFAULT_BATCHES, ModelShape, Plan
+from .planner import Plan
 from .profile import HardwareProfile
 
 __all__ = ["DEFAULT_CONTEXT", "COMPUTE_ITEMSIZE", "kv_bytes_per_token", "shape_for_model", "plan_for_model"]

@@ -243,8 +243,6 @@ def packed_layout(
     """The slot layout of quantized (or neuron-reduced) experts: each dense weight of `dense` becomes the parts of its
     `PackedSpec` (`precision.PackedSpec.parts`), after `layer_neurons` keeps a subset of each expert's neurons. `pieces` locates those parts on disk (a prepared sidecar); without it the parts
     are computed from the dense pieces on each load (`storage.encoding.EncodingStore`)."""
-    from ..adapters import ExpertParam
-
     layer_params, layer_offsets, slot_nbytes = {}, {}, 0
     for layer, specs in layer_packed.items():
         params = tuple(ExpertParam(name, shape, dtype) for spec in specs for name, shape, dtype in spec.parts())

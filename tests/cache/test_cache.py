@@ -107,6 +107,25 @@ def test_failed_load_frees_its_slot_and_reraises(mixtral_dir, mixtral_model):
     assert cache.host.pool.num_free == 2
 
 
+def test_is_resident_agrees_with_resident(mixtral_dir, mixtral_model):
+    cache, _, _ = _cache(mixtral_model, mixtral_dir, slots=2)
+    assert not cache.is_resident((0, 0))
+    for e in range(3):  # the third load evicts (0, 0), the least recently used
+        lease = cache.try_acquire((0, e))
+        lease.wait()
+        lease.release()
+    keys = [(0, e) for e in range(4)] + [(1, 0)]
+    assert [cache.is_resident(k) for k in keys] == [k in cache.resident() for k in keys]
+    assert cache.is_resident((0, 2)) and not cache.is_resident((0, 0))
+    cache.store.close()  # every read now fails: a failed load is not resident
+    lease = cache.try_acquire((0, 5))
+    with pytest.raises(RuntimeError, match="closed"):
+        lease.wait()
+    lease.release()
+    assert not cache.is_resident((0, 5)) and (0, 5) not in cache.resident()
+    cache.close()
+
+
 def test_concurrent_layers_share_one_cache(mixtral_dir, mixtral_model):
     cache, stats, layout = _cache(mixtral_model, mixtral_dir, slots=4, threads=3)
     errors = []

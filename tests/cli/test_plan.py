@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from hf_moe_offload.cli.main import main as cli
-from hf_moe_offload.scheduling.planner import ModelShape, estimate_step
+from hf_moe_offload.scheduling.cost_model import ModelShape, estimate_step
 from hf_moe_offload.scheduling.profile import HardwareProfile, LinearFit
 
 SHIPPED = str(Path(__file__).resolve().parents[2] / "models" / "moe-tiny")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from hf_moe_offload.errors import OffloadConfigError, UnsupportedParallelismError
+from hf_moe_offload.scheduling.cost_model import ModelShape, expected_distinct
 from hf_moe_offload.scheduling.expert_parallel import (
     Link,
     check_divides,
@@ -15,7 +16,7 @@ from hf_moe_offload.scheduling.expert_parallel import (
     rank_distinct,
     rank_shape,
 )
-from hf_moe_offload.scheduling.planner import ModelShape, expected_distinct, plan
+from hf_moe_offload.scheduling.planner import plan
 from hf_moe_offload.scheduling.profile import HardwareProfile, LinearFit
 
 SHAPE = ModelShape(num_layers=4, num_experts=8, top_k=2, expert_nbytes=1 << 20, other_nbytes=8 << 20)

@@ -15,8 +15,7 @@ from hf_moe_offload.cli.main import main as cli_main
 from hf_moe_offload.prefetch import RoutingTrace
 from hf_moe_offload.prefetch.trace import simulate_cache
 from hf_moe_offload.scheduling.auto import auto_config, resolve_auto
-from hf_moe_offload.scheduling.model_plan import plan_for_model, shape_for_model
-from hf_moe_offload.scheduling.planner import (
+from hf_moe_offload.scheduling.cost_model import (
     ModelShape,
     distinct_from_trace,
     estimate_step,
@@ -24,8 +23,9 @@ from hf_moe_offload.scheduling.planner import (
     expected_lru_hit_rate,
     lower_bound,
     place_expert,
-    plan,
 )
+from hf_moe_offload.scheduling.model_plan import plan_for_model, shape_for_model
+from hf_moe_offload.scheduling.planner import plan
 from hf_moe_offload.scheduling.profile import (
     HardwareProfile,
     LinearFit,
