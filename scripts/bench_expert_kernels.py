@@ -5,9 +5,11 @@
 One expert weight of `out x in` (Mixtral-8x7B's w1 by default), `tokens` activations. Rows:
 * bf16 / fp32 `F.linear` (what `expert_dtype="auto"` runs);
 * int8: optimum-quanto's tensor subclass through `F.linear`, and the same kernel called on raw slot views
-  (`torch._weight_int8pack_mm`, what hf_moe_offload runs);
-* int4: quanto's tinygemm tensor subclass, the raw kernel (`torch._weight_int4pack_mm_for_cpu`, ours), and
-  quanto's generic int4 tensor (dequantize, then a bf16 matmul: what runs without a CPU int4 kernel).
+  (`torch._weight_int8pack_mm`);
+* int4: quanto's tinygemm tensor subclass, the raw kernel (`torch._weight_int4pack_mm_for_cpu`), and quanto's generic
+  int4 tensor (dequantize, then a bf16 matmul: what runs without a CPU int4 kernel);
+* for both: our chunked dequantize + bf16 GEMM (precision/dequant.py), and what hf_moe_offload runs ("ours": the
+  kernel below `DEQUANT_MIN_ROWS` rows, the chunked GEMM from there on).
 Reports microseconds per call, GFLOP/s and the weight bytes streamed per second (GB/s: the figure to hold against the
 machine's memory bandwidth, since batch-1 decode is bandwidth-bound).
 """
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 
 from hf_moe_offload.adapters import ExpertParam
 from hf_moe_offload.precision import assemble, encode, pack_specs
+from hf_moe_offload.precision.dequant import DEQUANT_MIN_ROWS, linear_dequantized
 
 
 def _time(fn, reps: int) -> float:
@@ -61,15 +64,24 @@ def main(argv=None) -> int:
     )
     print("| tokens | kernel | us/call | GFLOP/s | weight GB/s |")
     print("|---|---|---|---|---|")
+    p8, p4 = packed["int8"], packed["int4"]
     for t in (int(x) for x in args.tokens.split(",")):
         x = torch.randn(t, k, dtype=torch.bfloat16)
         rows = [
             ("bf16 F.linear", "bf16", lambda x=x: F.linear(x, w)),
             ("fp32 F.linear", "fp32", lambda x=x: F.linear(x.float(), w32)),
             ("int8 quanto tensor (F.linear)", "int8", lambda x=x: F.linear(x, q8)),
-            ("int8 _weight_int8pack_mm on slot (ours)", "int8", lambda x=x: packed["int8"].linear(x)),
+            ("int8 _weight_int8pack_mm on slot", "int8", lambda x=x: torch._weight_int8pack_mm(x, p8.q, p8.scale)),
+            ("int8 dequantized chunks + bf16 GEMM", "int8", lambda x=x: linear_dequantized(p8, x)),
+            (f"int8 ours (GEMM from {DEQUANT_MIN_ROWS['int8']} rows)", "int8", lambda x=x: p8.linear(x)),
             ("int4 quanto tinygemm tensor (F.linear)", "int4", lambda x=x: F.linear(x, q4)),
-            ("int4 _weight_int4pack_mm_for_cpu on slot (ours)", "int4", lambda x=x: packed["int4"].linear(x)),
+            (
+                "int4 _weight_int4pack_mm_for_cpu on slot",
+                "int4",
+                lambda x=x: torch._weight_int4pack_mm_for_cpu(x, p4.q, p4.spec.group_size, p4.scale),
+            ),
+            ("int4 dequantized chunks + bf16 GEMM", "int4", lambda x=x: linear_dequantized(p4, x)),
+            (f"int4 ours (GEMM from {DEQUANT_MIN_ROWS['int4']} rows)", "int4", lambda x=x: p4.linear(x)),
             ("int4 quanto generic: dequantize, then bf16 matmul", "int4", lambda x=x: F.linear(x, q4g.dequantize())),
         ]
         for name, tier, fn in rows:

@@ -23,7 +23,7 @@ from ..adapters import MoETopology
 from ..adapters.interface import InterfaceExpertsAdapter
 from ..config import OffloadConfig
 from ..errors import BudgetTooSmallError, OffloadConfigError, SidecarError, UnsupportedFeatureError
-from ..precision import PackedSpec, pack_specs
+from ..precision import PackedSpec, int4_dense_problem, pack_specs
 from ..precision.neurons import NEURONS_FILE, NeuronPlan, kept_neurons, neuron_count, reduced_shapes
 from ..storage import ExpertLayout, ExpertStore
 from ..storage.encoding import EncodingStore
@@ -110,15 +110,16 @@ def layer_packing(
     for layer in topology.layers:
         interface = isinstance(layer.adapter, InterfaceExpertsAdapter)
         transposed = bool(layer.module.is_transposed) if interface else None
+        params = layer.params
         if not interface:
             dense_math.add(layer.layer)
-            if kind == "int4":
+            problems = [int4_dense_problem(p.shape[0]) for p in params if kind == "int4" and len(p.shape) == 2]
+            if any(problems):
                 raise UnsupportedFeatureError(
                     f"expert_dtype='int4': MoE layer {layer.layer} ({type(layer.module).__name__}) uses its own "
-                    f"expert math, which gets dequantized weights, and int4's packing has no cheap unpacking on the "
-                    f"CPU; use expert_dtype='int8' for this family"
+                    f"expert math, which gets dequantized weights, and {next(filter(None, problems))}; use "
+                    f"expert_dtype='int8' for this family"
                 )
-        params = layer.params
         if neurons and layer.layer in neurons:
             shapes = reduced_shapes(neurons[layer.layer], {p.name: p.shape for p in params})
             params = tuple(dataclasses.replace(p, shape=shapes[p.name]) for p in params)

@@ -1,5 +1,6 @@
 """Expert precisions: quantized forms of expert weights in cache slots, and their matmuls (optimum-quanto)."""
 
+from .dequant import int4_dense_problem
 from .formats import EXPERT_DTYPES, INT4_GROUP_SIZES, PackedSpec, PackedWeight, assemble, encode, matmul, pack_specs
 
 __all__ = [
@@ -9,6 +10,7 @@ __all__ = [
     "PackedWeight",
     "assemble",
     "encode",
+    "int4_dense_problem",
     "matmul",
     "pack_specs",
 ]

@@ -7,15 +7,17 @@ expert_dtype  one weight W [out, in] (F.linear orientation) in a slot           
 "int4"        q uint8 [out, in/2] (tinygemm CPU packing) + scale_shift [in/g, out, 2]    torch._weight_int4pack_mm_for_cpu
               (groups of g inputs, asymmetric min-max)
 ```
+From `dequant.DEQUANT_MIN_ROWS` rows on (a prefill), a packed weight is instead dequantized chunk by chunk into the
+compute dtype and multiplied by one GEMM, which is faster there (dequant.py).
 The quantization (scales, shifts, rounding, packing) is optimum-quanto's (`AbsmaxOptimizer`, `MaxOptimizer`,
 `quantize_weight`, its tinygemm packing); the matmuls are the torch CPU kernels that quanto itself dispatches to,
-called on the slot's views so that no tensor subclass is built per call and no expert is dequantized per call.
+called on the slot's views so that no tensor subclass is built per call and no expert is dequantized per decode call.
 Scales keep the model's dtype, so the kernels take the activations as they come. A weight whose input size no
 group size divides (int4) is refused when the load is planned.
 
-Families whose per-expert math is their own (not transformers' `ExpertsInterface`) get each int8 weight
-dequantized back to its dense shape (`PackedWeight.dense`), which is correct but not faster; int4 is refused for
-them (the tinygemm CPU packing has no cheap unpacking).
+Families whose per-expert math is their own (not transformers' `ExpertsInterface`) get each weight dequantized back
+to its dense shape (`PackedWeight.dense`), which is correct but not faster; int4 only where `dequant.dequantizes`
+(torch's packing is the layout it unpacks, whole 64-row blocks).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from .dequant import DEQUANT_MIN_ROWS, dense_weight, dequantizes, int4_dense_problem, linear_dequantized
 
 __all__ = ["EXPERT_DTYPES", "INT4_GROUP_SIZES", "PackedSpec", "PackedWeight", "pack_specs", "encode", "assemble"]
 
@@ -83,16 +87,24 @@ class PackedWeight:
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """`(n, in) -> (n, out)` in the scales' dtype."""
         x = x.to(self.scale.dtype)
+        if x.shape[0] >= DEQUANT_MIN_ROWS[self.spec.kind] and dequantizes(self):
+            return linear_dequantized(self, x)
         if self.spec.kind == "int8":
             return torch._weight_int8pack_mm(x, self.q, self.scale)
         return torch._weight_int4pack_mm_for_cpu(x, self.q, self.spec.group_size, self.scale)
 
     def dense(self) -> torch.Tensor:
-        """The dequantized weight in the model's shape and dtype (int8 only: for families with their own expert
-        math, which `families_with_own_math` keeps off int4, whose CPU packing has no cheap unpacking)."""
-        if self.spec.kind != "int8":
-            raise ValueError(f"{self.spec.name}: only int8 weights are dequantized for use, not {self.spec.kind}")
-        w = self.q.to(self.scale.dtype) * self.scale[:, None]  # [out, in]
+        """The dequantized weight in the model's shape and dtype (for families with their own expert math).
+
+        Raises:
+            ValueError: an int4 weight `dequant.dequantizes` cannot unpack (see there).
+        """
+        if not dequantizes(self):
+            raise ValueError(
+                f"{self.spec.name}: this int4 weight ({self.spec.out_features} outputs) cannot be dequantized here: "
+                f"{int4_dense_problem(self.spec.out_features)}"
+            )
+        w = dense_weight(self)  # [out, in]
         return w.t() if self.spec.transposed else w
 
 

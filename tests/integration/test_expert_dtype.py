@@ -11,10 +11,12 @@ from transformers import AutoModelForCausalLM
 
 from hf_moe_offload import BudgetTooSmallError, OffloadConfigError
 from hf_moe_offload.cli.main import main as cli
-from hf_moe_offload.errors import SidecarError
+from hf_moe_offload.errors import SidecarError, UnsupportedFeatureError
 from hf_moe_offload.integration.prepare import prepare_experts
 from hf_moe_offload.storage.sidecar import MANIFEST
 from hf_moe_offload.testing import build_tiny, save_checkpoint
+from hf_moe_offload.testing.matrix import matrix_config
+from hf_moe_offload.testing.models import sharpen_routers
 
 pytestmark = pytest.mark.slow
 
@@ -135,6 +137,33 @@ def test_bad_expert_dtype_inputs_are_refused(model_dir, tmp_path):
     save_checkpoint(build_tiny("qwen3_moe"), folder, "fused")  # experts of 48 inputs: no int4 group divides it
     with pytest.raises(OffloadConfigError, match="int4 needs a multiple"):
         _load(folder, expert_dtype="int4")
+
+
+def _dbrx(ffn_hidden_size: int):
+    config = matrix_config("dbrx")
+    config.ffn_config.ffn_hidden_size = ffn_hidden_size
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    sharpen_routers(model)
+    return model
+
+
+def test_int4_for_a_family_with_its_own_expert_math(tmp_path):
+    # DBRX multiplies dense expert weights itself: int4 slots are unpacked for it, in whole blocks of 64 outputs.
+    normal = _dbrx(ffn_hidden_size=64)
+    folder = str(tmp_path / "dbrx")
+    save_checkpoint(normal, folder, "per_expert")
+    ids = IDS % normal.config.vocab_size
+    model = _load(folder, host_budget="50%", expert_dtype="int4", sidecar="none")
+    assert model.offload_stats()["expert_dtype"] == "int4"
+    with torch.no_grad():
+        want, got = normal(ids).logits, model(ids).logits
+    rel = ((got - want).norm() / want.norm()).item()
+    assert 0 < rel < 0.1, rel
+    odd = str(tmp_path / "dbrx48")
+    save_checkpoint(_dbrx(ffn_hidden_size=48), odd, "per_expert")
+    with pytest.raises(UnsupportedFeatureError, match="no multiple of 64"):
+        _load(odd, expert_dtype="int4", sidecar="none")
 
 
 def test_mixed_precision_computes_unimportant_experts_quantized(model_dir, reference):

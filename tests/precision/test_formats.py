@@ -5,6 +5,7 @@ import torch
 
 from hf_moe_offload.adapters import ExpertParam
 from hf_moe_offload.precision import PackedWeight, assemble, encode, matmul, pack_specs
+from hf_moe_offload.precision.dequant import CHUNK, DEQUANT_MIN_ROWS, int4_dense_problem, int4_unpack_supported
 
 # Relative error of one quantized matmul on Gaussian weights (documented in docs/precision.md).
 REL_ERROR = {"int8": 0.02, "int4": 0.15}
@@ -32,13 +33,38 @@ def test_quantized_matmul_is_close_to_the_dense_one(kind, transposed, dtype):
     assert got.shape == (5, spec.out_features) and got.dtype == torch.float32
     rel = ((got - want).norm() / want.norm()).item()
     assert rel < REL_ERROR[kind], rel
-    if kind == "int8":  # families with their own expert math get the weight dequantized: the kernel agrees
-        deq = assemble((spec,), parts, dense=True)["gate_up_proj"]
-        assert deq.shape == dense.shape and deq.dtype == dtype
-        assert ((matmul(x, deq, transposed).float() - got).norm() / want.norm()).item() < 0.01
-    else:
-        with pytest.raises(ValueError, match="only int8"):
-            assemble((spec,), parts, dense=True)
+    # families with their own expert math get the weight dequantized: the kernel agrees
+    deq = assemble((spec,), parts, dense=True)["gate_up_proj"]
+    assert deq.shape == dense.shape and deq.dtype == dtype
+    assert ((matmul(x, deq, transposed).float() - got).norm() / want.norm()).item() < 0.01
+
+
+def test_int4_layout_check_passes_on_this_torch():
+    # The unpacking follows torch's undocumented CPU packing; if a torch upgrade changes it, this says so first.
+    assert int4_unpack_supported()
+    assert int4_dense_problem(256) is None
+    assert "no multiple of 64" in int4_dense_problem(96)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_many_rows_take_the_dequantized_gemm_and_agree_with_the_kernel(kind, transposed, dtype, monkeypatch):
+    shape = (128, 2 * CHUNK + 64) if transposed else (2 * CHUNK + 64, 128)  # 3 chunks, the last one partial
+    spec, dense, parts = _packed(kind, shape, transposed, dtype)
+    w = assemble((spec,), parts, dense=False)["gate_up_proj"]
+    rows = DEQUANT_MIN_ROWS[kind]
+    x = torch.randn(rows, spec.in_features, dtype=dtype)
+    kernel = {"int8": torch._weight_int8pack_mm, "int4": torch._weight_int4pack_mm_for_cpu}[kind]
+    calls = []
+    monkeypatch.setattr(torch, kernel.__name__, lambda *a: calls.append(1) or kernel(*a))
+    got = matmul(x, w, transposed).float()  # rows >= the threshold: no kernel call
+    assert calls == []
+    want = torch.cat([matmul(x[i : i + 1], w, transposed) for i in range(rows)]).float()  # one row: the kernel
+    assert len(calls) == rows
+    assert got.shape == want.shape == (rows, spec.out_features)
+    assert ((got - want).norm() / want.norm()).item() < 0.01
+    assert torch.equal(matmul(x, w, transposed), matmul(x, w, transposed))  # deterministic
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])
