@@ -207,6 +207,7 @@ def run_scenarios(
     reps: int = 3,
     mode: str = "cold",
     overhead_bytes: int = 768 * 1024**2,
+    limit_bytes: int | None = None,
     threads: int | None = 1,
     dtype: str = "auto",
     device: str = "cpu",
@@ -231,6 +232,8 @@ def run_scenarios(
         mode: "cold" (page cache evicted before every point and decode step), "warm" (never evicted) or
             "ramlimit" (evicted before every run, which runs in a memory cgroup of its budget + `overhead_bytes`).
         overhead_bytes: memory above the budget in "ramlimit" mode (Python, torch, activations, KV cache).
+        limit_bytes: in "ramlimit" mode, one cgroup limit for every worker in place of budget + `overhead_bytes`
+            (a budget sweep under one fixed limit).
         threads: torch threads in each worker (None: torch's default).
         dtype: "auto" (the checkpoint's) or a torch dtype name.
         device: "cpu" or "cuda[:N]".
@@ -294,7 +297,7 @@ def run_scenarios(
                     if in_process:
                         result = _run_in_process(spec)
                     else:
-                        limit = budget + overhead_bytes if mode == "ramlimit" else safety_bytes
+                        limit = (limit_bytes or budget + overhead_bytes) if mode == "ramlimit" else safety_bytes
                         result = _spawn(spec, limit, timeout)
                         _merge_partial(result, spec, points)
                 finally:

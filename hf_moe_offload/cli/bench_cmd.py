@@ -88,6 +88,11 @@ def add_parser(sub) -> None:
     g.add_argument("--ramlimit", action="store_true", help="run each worker in a memory cgroup of budget + overhead")
     g.add_argument("--overhead", default="768MiB", help="memory above the budget with --ramlimit (default 768MiB)")
     g.add_argument(
+        "--memory-limit",
+        help="with --ramlimit: one memory cgroup of this size for every worker, whatever its budget (in place of "
+        "budget + --overhead): a budget sweep under one fixed limit, e.g. 3.5GiB",
+    )
+    g.add_argument(
         "--safety-limit",
         default="80%",
         help="without --ramlimit, a memory cgroup per worker so a runaway "
@@ -203,6 +208,11 @@ def _measure_limits(model_dir: str, dtype: str, device: str, nbytes: int):
 
 def _check(args: argparse.Namespace) -> tuple[list[int], int, int]:
     """Every value the user typed that needs no model: `(batches, overhead bytes, bandwidth sample bytes)`."""
+    if args.memory_limit is not None:
+        if not args.ramlimit:
+            raise UsageError("--memory-limit applies with --ramlimit; add --ramlimit")
+        if parse_budget(args.memory_limit, "--memory-limit").nbytes is None:
+            raise UsageError(f"--memory-limit: expected an amount such as 3.5GiB, got {args.memory_limit!r}")
     if bool(args.model) == bool(args.synth):
         raise UsageError("give a model folder or --synth PRESET (not both)")
     try:
@@ -271,6 +281,7 @@ def main(args: argparse.Namespace) -> int:
         except CgroupUnavailableError as err:
             raise UsageError(f"--ramlimit: {err}") from None
     safety = _safety_bytes(args.safety_limit) if mode != "ramlimit" and not args.in_process else None
+    fixed_limit = parse_budget(args.memory_limit, "--memory-limit").nbytes if args.memory_limit else None
 
     model_dir, synth = _resolve_model(args)
     sizes = checkpoint_bytes(model_dir)
@@ -293,6 +304,7 @@ def main(args: argparse.Namespace) -> int:
         reps=args.reps,
         mode=mode,
         overhead_bytes=overhead,
+        limit_bytes=fixed_limit,
         threads=args.threads or None,
         dtype=args.dtype,
         device=device,
@@ -322,7 +334,8 @@ def main(args: argparse.Namespace) -> int:
         "decoding": "sample" if args.sample else "greedy",
         "seed": args.seed,
         "replay": args.replay,
-        "overhead_bytes": overhead if mode == "ramlimit" else None,
+        "overhead_bytes": overhead if mode == "ramlimit" and fixed_limit is None else None,
+        "memory_limit_bytes": fixed_limit,
         "safety_limit_bytes": safety,
         "points": points,
         "limits": limits_record(limits),

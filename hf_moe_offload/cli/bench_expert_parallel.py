@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from ..config import format_bytes
+from ..config import format_bytes, parse_budget
 from .args import UsageError, emit, note, write_json_out
 
 __all__ = ["check_world_size", "run_expert_parallel"]
@@ -105,7 +105,8 @@ def run_expert_parallel(
     note("bench", f"model {model_dir}: {format_bytes(sizes['total'])}, experts {format_bytes(sizes['expert'])}")
     limits = _measure_limits(model_dir, args.dtype, "cpu", sample_bytes)
     note("bench", f"limits: {limits.describe()}")
-    ram = {c.budget: (c.budget_bytes(sizes) + overhead if args.ramlimit else safety) for c in configs}
+    fixed = parse_budget(args.memory_limit, "--memory-limit").nbytes if args.memory_limit else None
+    ram = {c.budget: (fixed or c.budget_bytes(sizes) + overhead if args.ramlimit else safety) for c in configs}
     runs = run_comparison(
         model_dir,
         {c.budget: dict(c.offload_config) for c in configs},
@@ -156,7 +157,8 @@ def run_expert_parallel(
         "seed": args.seed,
         "prompt_len": args.prompt_len,
         "new_tokens": args.max_new_tokens,
-        "overhead_bytes": overhead if args.ramlimit else None,
+        "overhead_bytes": overhead if args.ramlimit and fixed is None else None,
+        "memory_limit_bytes": fixed,
         "safety_limit_bytes": safety,
         "limits": limits_record(limits),
         "results": rows,
@@ -165,7 +167,9 @@ def run_expert_parallel(
     }
     write_json_out(args, record)
     limit_line = (
-        f"each process in a memory cgroup of dense + budget + {format_bytes(overhead)}"
+        f"each process in a memory cgroup of {format_bytes(fixed)}"
+        if fixed
+        else f"each process in a memory cgroup of dense + budget + {format_bytes(overhead)}"
         if args.ramlimit
         else "no memory limit (--ramlimit for one)"
     )

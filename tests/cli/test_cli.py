@@ -371,3 +371,27 @@ def test_trace_without_matplotlib_writes_the_json_timeline_and_says_so(tmp_path)
     assert json.loads((tmp_path / "t" / "timeline.json").read_text())["traceEvents"]
     notes = [line for line in proc.stderr.splitlines() if "matplotlib" in line]
     assert len(notes) == 1 and "JSON timeline only" in notes[0]
+
+
+def test_bench_memory_limit_needs_ramlimit_and_an_amount(mixtral_dir, capsys):
+    assert cli(["bench", mixtral_dir, *TINY_BENCH, "--memory-limit", "1GiB"]) == 2
+    assert "--memory-limit applies with --ramlimit" in capsys.readouterr().err
+    assert cli(["bench", mixtral_dir, "--ramlimit", "--memory-limit", "25%", "--no-progress"]) == 2
+    assert "expected an amount such as 3.5GiB" in capsys.readouterr().err
+
+
+def test_bench_memory_limit_puts_every_budget_under_one_limit(mixtral_dir, capsys):
+    from hf_moe_offload.bench import sysmem
+
+    try:
+        sysmem.find_memory_cgroup()
+    except sysmem.CgroupUnavailableError as err:
+        pytest.skip(f"no usable memory cgroup (v1 or v2) on this machine: {err}")
+    args = [a for a in TINY_BENCH if a != "--in-process"]
+    argv = ["bench", mixtral_dir, *args, "--scenario", "latency", "--baselines", "none", "--budgets", "25,100"]
+    code = cli([*argv, "--ramlimit", "--memory-limit", "1GiB", "--json"])
+    record = json.loads(capsys.readouterr().out)
+    assert code == 0 and record["memory_limit_bytes"] == 1024**3 and record["overhead_bytes"] is None
+    for name in ("offload@25%", "offload@100%"):
+        assert record["results"]["latency"][name]["runs_ok"] == 1
+        assert 0 < record["configs"][name]["cgroup_max_usage_bytes"] <= 1024**3
