@@ -158,6 +158,7 @@ def summarise_configs(runs: dict[str, list[dict]], configs: list[BenchConfig], s
             "kind": cfg.kind,
             "budget": cfg.budget,
             "budget_bytes": cfg.budget_bytes(sizes),
+            "host_slots": _median((r.get("offload_stats") or {}).get("host_slots") for r in ok),
             "note": cfg.note,
             "offload_config": cfg.offload_config,
             "load_s": _median(r.get("load_s") for r in partial),
@@ -180,10 +181,12 @@ def format_tables(
     """Plain-text tables: the configurations, then one table per scenario point."""
     bound_bw = "page cache" if mode == "warm" else "disk"
     lines = [f"mode {mode}; bandwidth {limits.describe()}; bounds use the {bound_bw} bandwidth", ""]
-    lines.append(f"{'config':<30}{'budget':>11}{'load s':>8}{'peak anon GB':>13}{'cgroup max GB':>14}  note")
+    lines.append(
+        f"{'config':<30}{'budget':>11}{'slots':>6}{'load s':>8}{'peak anon GB':>13}{'cgroup max GB':>14}  note"
+    )
     for name, c in config_info.items():
         lines.append(
-            f"{name:<30}{format_bytes(c['budget_bytes']):>11}{_f(c['load_s'], '.1f'):>8}"
+            f"{name:<30}{format_bytes(c['budget_bytes']):>11}{_f(c['host_slots'], '.0f'):>6}{_f(c['load_s'], '.1f'):>8}"
             f"{_f(c['peak_anon_bytes'], '.2f', 1e9):>13}{_f(c['cgroup_max_usage_bytes'], '.2f', 1e9):>14}"
             f"  {c['note']}"
         )

@@ -75,6 +75,11 @@ class OffloadStats:
             total = self._c["hits"] + self._c["misses"]
             return self._c["hits"] / total if total else 0.0
 
+    def stall_seconds(self) -> float:
+        """Seconds the forward waited for experts so far (cheaper than a full `snapshot`)."""
+        with self._lock:
+            return self._stall
+
     def mean_load_seconds(self) -> float | None:
         """Average seconds one expert load took so far; None before the first load completed."""
         with self._lock:

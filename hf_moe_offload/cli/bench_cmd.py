@@ -186,9 +186,15 @@ def _memory_fits(sizes: dict, overhead: int) -> bool:
     return sizes["total"] + overhead < 0.9 * psutil.virtual_memory().available
 
 
-def _measure_limits(model_dir: str, dtype: str, device: str, nbytes: int):
-    """The machine's `HardwareProfile` at the model's expert shapes, its files read in 16 MiB blocks, two cold
-    samples: its bandwidths are the denominators of the bench's lower bounds."""
+def _read_threads(overrides: dict) -> int:
+    """Readers at once when the disk is timed: as many as the offloaded model's loader threads (`io_threads`)."""
+    return int(overrides.get("io_threads") or OffloadConfig().io_threads)
+
+
+def _measure_limits(model_dir: str, dtype: str, device: str, nbytes: int, read_threads: int = 1):
+    """The machine's `HardwareProfile` at the model's expert shapes, its files read in 16 MiB blocks by
+    `read_threads` readers at once, two cold samples: its bandwidths are the denominators of the bench's lower
+    bounds."""
     from ..scheduling.profile import measure_profile
     from .inspect_cmd import inspect_path
 
@@ -203,6 +209,7 @@ def _measure_limits(model_dir: str, dtype: str, device: str, nbytes: int):
         read_block=_BLOCK,
         read_bytes=nbytes,
         disk_samples=2,
+        read_threads=read_threads,
     )
 
 
@@ -294,7 +301,8 @@ def main(args: argparse.Namespace) -> int:
         f"model {model_dir}: {format_bytes(sizes['total'])}, experts {format_bytes(sizes['expert'])}"
         + (f" (synthetic {synth['preset']}, {synth['layers']} of {synth['real_layers']} layers)" if synth else ""),
     )
-    limits = _measure_limits(model_dir, args.dtype, device, sample_bytes)
+    readers = _read_threads(overrides)
+    limits = _measure_limits(model_dir, args.dtype, device, sample_bytes, readers)
     note("bench", f"limits: {limits.describe()}")
     runs = run_scenarios(
         model_dir,
@@ -317,7 +325,7 @@ def main(args: argparse.Namespace) -> int:
         progress=progress_enabled(args),
     )
     # The shared disk drifts: one more sample after the runs, and the fastest one is the denominator.
-    limits.add_disk_sample(measure_read_bandwidth(model_dir, block=_BLOCK, max_bytes=sample_bytes)[0])
+    limits.add_disk_sample(measure_read_bandwidth(model_dir, block=_BLOCK, max_bytes=sample_bytes, threads=readers)[0])
     results = summarise(runs, configs, points, limits, mode)
     config_info = summarise_configs(runs, configs, sizes)
 

@@ -90,7 +90,7 @@ def run_expert_parallel(
     from ..bench.scenario_report import limits_record, versions_record
     from ..bench.sysmem import CgroupUnavailableError, find_memory_cgroup
     from ..scheduling.model_plan import shape_for_model
-    from .bench_cmd import _measure_limits, _resolve_model, _safety_bytes
+    from .bench_cmd import _measure_limits, _read_threads, _resolve_model, _safety_bytes
 
     start, world = time.time(), args.world_size
     if args.ramlimit:
@@ -103,7 +103,7 @@ def run_expert_parallel(
     sizes = checkpoint_bytes(model_dir)
     configs = make_configs(budgets, baselines=[], offload=overrides, device="cpu")
     note("bench", f"model {model_dir}: {format_bytes(sizes['total'])}, experts {format_bytes(sizes['expert'])}")
-    limits = _measure_limits(model_dir, args.dtype, "cpu", sample_bytes)
+    limits = _measure_limits(model_dir, args.dtype, "cpu", sample_bytes, _read_threads(overrides))
     note("bench", f"limits: {limits.describe()}")
     fixed = parse_budget(args.memory_limit, "--memory-limit").nbytes if args.memory_limit else None
     ram = {c.budget: (fixed or c.budget_bytes(sizes) + overhead if args.ramlimit else safety) for c in configs}

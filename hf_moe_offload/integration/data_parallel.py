@@ -23,7 +23,16 @@ from .batching import generate_many
 __all__ = ["rank_share", "gather_outputs", "generate_many_distributed", "gather_offload_stats"]
 
 # Per-rank figures that a sum over ranks would not mean anything for (the hit rate is recomputed from the sums).
-_NOT_SUMMED = frozenset({"hit_rate", "prefetch_precision", "prefetch_recall", "bytes_per_expert"})
+_NOT_SUMMED = frozenset(
+    {
+        "hit_rate",
+        "prefetch_precision",
+        "prefetch_recall",
+        "prefetch_precision_cold",
+        "prefetch_break_even",
+        "bytes_per_expert",
+    }
+)
 
 
 def _rank_world(group=None) -> tuple[int, int]:

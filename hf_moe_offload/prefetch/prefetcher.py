@@ -14,16 +14,30 @@ so loads of layer l+1 overlap the compute of layer l.
 
 A speculative load evicts an expert (or takes disk bandwidth from demand loads) for a prediction's chance of being
 used. Every prediction is scored against the routing that follows, issued or not, so its precision is known without
-spending any I/O: speculative loads are issued only while that precision beats the cache's hit rate (once at least
-`min_evidence` predicted experts were scored). On a model whose predictions are poor (random routers) prefetching
-thus stays off instead of polluting a small cache, and it switches itself back on if predictions improve. The number of speculative loads per layer adapts to the measured expert load time and
-the measured time between MoE layers, so prefetches do not pile up behind each other and delay demand loads.
+spending any I/O. What a prefetch would load is a predicted expert that is not resident, so the decision uses the
+precision of those predictions alone (`cold` below: an expert that stays resident is easy to predict and costs
+nothing), estimated as `(right + 1) / (scored + 2)` (Laplace's rule: 0.5 before any evidence, the measured share
+soon after), separately for each number of experts a layer routes to (a prefill's layers use nearly all experts and
+are easy to predict; batch-1 decode's use top-k). Speculative loads are issued only while that estimate beats both
+* the cache's hit rate: below it, the expert a prefetch evicts is likelier to be used than the one it loads;
+* the break-even precision `1 - compute / load` (`_break_even`), where `load` is the mean time one expert load
+  takes and `compute` the time between two MoE layers less the forward's stalls: a right prefetch can hide at most
+  `compute` of its load behind the computation, a wrong one holds the disk and an I/O thread for all of `load`
+  when the disk is the bottleneck (two loads may share the disk, but a demand load then waits behind the wrong
+  one). So a compute-bound model (load <= compute) prefetches on any useful prediction, and an I/O-bound one only
+  on near-certain ones; otherwise bytes read per token would grow with the budget (more
+  slots, more room to speculate; measured in docs/benchmarks.md, "Budget sweep under one memory limit").
+On a model whose predictions are poor (random routers) prefetching thus stays off instead of polluting a small cache
+or the disk, and it switches itself back on if predictions improve. The number of speculative loads per layer adapts
+to the measured expert load time and the measured time between MoE layers, so prefetches do not pile up behind each
+other and delay demand loads.
 """
 
 from __future__ import annotations
 
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -32,6 +46,19 @@ from ..cache import ExpertCache
 from .predictors import Predictor
 
 __all__ = ["Prefetcher"]
+
+
+@dataclass
+class _Evidence:
+    """What decides prefetching for layers that route to one number of experts (batch-1 decode routes to top-k,
+    a prefill to nearly all): scored cold predictions, and the compute time between two such MoE layers."""
+
+    right: int = 0
+    scored: int = 0
+    compute_gap: float | None = None  # moving average, seconds
+
+    def add_gap(self, seconds: float) -> None:
+        self.compute_gap = seconds if self.compute_gap is None else 0.8 * self.compute_gap + 0.2 * seconds
 
 
 class Prefetcher:
@@ -59,12 +86,14 @@ class Prefetcher:
         self.io_threads = io_threads
         self.step, self._last_layer = 0, -1
         self._predicted: dict[tuple[int, int], set[int]] = {}  # (step, layer) -> predicted experts
+        # (step, layer) -> (experts predicted per layer, those of them not resident when predicted)
+        self._cold: dict[tuple[int, int], tuple[int, set[int]]] = {}
         self._tp = defaultdict(int)
         self._npred = defaultdict(int)
         self._nactual = defaultdict(int)
-        self._layer_gap, self._last_time = None, None
+        self._evidence: dict[int, _Evidence] = defaultdict(_Evidence)  # per experts predicted per layer
+        self._layer_gap, self._last_time, self._last_stall = None, None, 0.0
         self._last_size = 1
-        self.min_evidence = 16
         cache.keep_recent(self.num_layers)  # a full decode step
 
     # -- events --------------------------------------------------------------------------------------------------
@@ -78,10 +107,12 @@ class Prefetcher:
         self.cache.advance_tick()
         if layer <= self._last_layer:  # a new forward pass without a step-boundary call (plain forward)
             self.step += 1
+        stall = self.cache.stats.stall_seconds()
         if self._last_time is not None and layer == self._last_layer + 1:
             gap = now - self._last_time
             self._layer_gap = gap if self._layer_gap is None else 0.8 * self._layer_gap + 0.2 * gap
-        self._last_layer, self._last_time = layer, now
+            self._evidence[self._last_size].add_gap(max(0.0, gap - (stall - self._last_stall)))
+        self._last_layer, self._last_time, self._last_stall = layer, now, stall
         n = self.num_experts[layer]
         actual = set(torch.unique(top_k_index[top_k_index < n]).tolist())
         self._last_size = len(actual)
@@ -118,30 +149,41 @@ class Prefetcher:
                 total = s.sum()
                 if total > 0:
                     scores[t] = scores.get(t, 0) + s / total
-        allowance = self._allowance() if self._worth_it() else 0
+        allowance = self._allowance() if self._worth_it(size) else 0
         for t in targets:
             s = scores.get(t)
             if s is None:
                 continue
             chosen = [int(e) for e in np.argsort(-s, kind="stable")[:size] if s[e] > 0]
             self._predicted[(self.step, t)] = set(chosen)
+            self._cold[(self.step, t)] = (size, {e for e in chosen if not self.cache.is_resident((t, e))})
             for e in chosen:
                 if allowance <= 0:
                     break
                 if self.cache.prefetch((t, e), priority=t - layer):
                     allowance -= 1
 
-    def _worth_it(self) -> bool:
-        """Whether speculative loads pay: the scored predictions' precision beats the cache's hit rate."""
-        npred = sum(self._npred.values())
-        if npred < self.min_evidence:
-            return True
-        return sum(self._tp.values()) / npred > self.cache.stats.hit_rate()
+    def _worth_it(self, size: int) -> bool:
+        """Whether speculative loads of `size` experts per layer pay: the precision of such predictions beats the
+        cache's hit rate and the break-even precision of the disk time they cost (module docstring)."""
+        ev = self._evidence[size]
+        return (ev.right + 1) / (ev.scored + 2) > max(self.cache.stats.hit_rate(), self._break_even(size))
+
+    def _break_even(self, size: int) -> float:
+        """`1 - compute / load`, at least 0, for layers that route to `size` experts: the precision below which wrong
+        prefetches cost the disk more time than right ones hide (0 until a load and a gap were measured)."""
+        per_load, compute = self.cache.stats.mean_load_seconds(), self._evidence[size].compute_gap
+        if per_load is None or compute is None:
+            return 0.0
+        return max(0.0, 1.0 - compute / max(per_load, 1e-9))
 
     def _score(self, layer: int, actual: set[int]) -> None:
         predicted = self._predicted.pop((self.step, layer), None)
         if predicted is None:
             return
+        size, cold = self._cold.pop((self.step, layer), (0, set()))
+        self._evidence[size].right += len(cold & actual)
+        self._evidence[size].scored += len(cold)
         self._tp[layer] += len(predicted & actual)
         self._npred[layer] += len(predicted)
         self._nactual[layer] += len(actual)
@@ -153,11 +195,15 @@ class Prefetcher:
             tp, npred, nact = self._tp[layer], self._npred[layer], self._nactual[layer]
             per_layer[layer] = {"precision": tp / npred if npred else 0.0, "recall": tp / nact if nact else 0.0}
         tp, npred, nact = sum(self._tp.values()), sum(self._npred.values()), sum(self._nactual.values())
+        right, scored = sum(e.right for e in self._evidence.values()), sum(e.scored for e in self._evidence.values())
         return {
             "prefetch_precision": tp / npred if npred else 0.0,
             "prefetch_recall": tp / nact if nact else 0.0,
+            "prefetch_precision_cold": right / scored if scored else 0.0,
+            "prefetch_break_even": self._break_even(self._last_size),
             "prefetch_per_layer": per_layer,
         }
 
     def reset_metrics(self) -> None:
         self._tp.clear(), self._npred.clear(), self._nactual.clear()
+        self._evidence.clear()

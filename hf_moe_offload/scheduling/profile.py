@@ -33,6 +33,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,7 +140,9 @@ class HardwareProfile:
         samples = f" [samples {samples}]" if samples else ""
         warm = f", page cache {self.page_cache_read_Bps / 1e9:.2f} GB/s" if self.page_cache_read_Bps else ""
         h2d = f", host->device (pinned) {self.h2d_Bps / 1e9:.1f} GB/s" if self.h2d_Bps else ""
-        return f"disk (cold, page cache evicted) {self.disk_read_Bps / 1e9:.2f} GB/s{samples}{warm}{h2d}"
+        readers = self.meta.get("read_threads", 1)
+        readers = f", {readers} readers" if readers > 1 else ""
+        return f"disk (cold, page cache evicted{readers}) {self.disk_read_Bps / 1e9:.2f} GB/s{samples}{warm}{h2d}"
 
     def cpu_expert_seconds(self, n_tokens: float) -> float:
         return self.cpu_fit(n_tokens)
@@ -253,8 +256,9 @@ def measure_read_bandwidth(
     block: int = 16 * _MiB,
     max_bytes: int = 256 * _MiB,
     seed: int | None = None,
+    threads: int = 1,
 ) -> tuple[float, float]:
-    """`(cold, warm)` read bandwidth of files in bytes/s: `pread` of `block`-sized pieces into one reused buffer.
+    """`(cold, warm)` read bandwidth of files in bytes/s: `pread` of `block`-sized pieces into reused buffers.
 
     The pieces sit at random block-aligned offsets of the files (an expert cache reads experts in no particular
     order; a fresh region on each call also dodges caches below the page cache, such as a VM host's), at most
@@ -267,6 +271,8 @@ def measure_read_bandwidth(
         block: bytes per read call.
         max_bytes: bytes read per pass.
         seed: for the order of the pieces.
+        threads: readers at once, each taking every `threads`-th piece into its own buffer (an expert cache reads
+            with `io_threads` at once, and a disk may serve several reads faster than one).
     """
     files = list_files(paths)
     sizes = [os.path.getsize(f) for f in files]
@@ -274,13 +280,14 @@ def measure_read_bandwidth(
     pieces = [(i, offset) for i, size in enumerate(sizes) for offset in range(0, max(size, 1), block)]
     random.Random(seed).shuffle(pieces)
     pieces = pieces[: max(1, max_bytes // block)]
-    buf = memoryview(bytearray(block))
+    threads = max(1, min(threads, len(pieces)))
+    bufs = [memoryview(bytearray(block)) for _ in range(threads)]
     fds = [os.open(f, os.O_RDONLY) for f in files]
     try:
 
-        def one_pass() -> float:
-            t0, done = time.perf_counter(), 0
-            for i, offset in pieces:
+        def read_share(r: int) -> int:
+            done, buf = 0, bufs[r]
+            for i, offset in pieces[r::threads]:
                 want, got = min(block, sizes[i] - offset), 0
                 while got < want:
                     n = os.preadv(fds[i], [buf[got:want]], offset + got)
@@ -288,6 +295,15 @@ def measure_read_bandwidth(
                         break
                     got += n
                 done += got
+            return done
+
+        def one_pass() -> float:
+            t0 = time.perf_counter()
+            if threads == 1:
+                done = read_share(0)
+            else:
+                with ThreadPoolExecutor(threads) as pool:
+                    done = sum(pool.map(read_share, range(threads)))
             return done / max(time.perf_counter() - t0, 1e-9)
 
         evict_page_cache(files)
@@ -405,6 +421,7 @@ def measure_profile(
     read_bytes: int = 256 * _MiB,
     read_block: int | None = None,
     disk_samples: int = 1,
+    read_threads: int = 1,
 ) -> HardwareProfile:
     """Time this machine at one model's expert shapes.
 
@@ -426,6 +443,7 @@ def measure_profile(
         read_bytes: bytes read per pass of `measure_read_bandwidth` (at most `scratch_bytes` for a scratch file).
         read_block: bytes per read call; default one expert (1 to 64 MiB).
         disk_samples: cold samples taken; `disk_read_Bps` is the fastest (`statistic="min"`) or their median.
+        read_threads: readers at once in `measure_read_bandwidth` (the bench uses the cache's `io_threads`).
 
     Returns:
         The `HardwareProfile`.
@@ -445,6 +463,7 @@ def measure_profile(
     meta: dict[str, Any] = {
         "statistic": statistic,
         "threads": torch.get_num_threads(),
+        "read_threads": read_threads,
         "cpus": os.cpu_count(),
         "torch": torch.__version__,
         "machine": platform.machine(),
@@ -457,7 +476,10 @@ def measure_profile(
         source = os.fspath(sample_file) if sample_file is not None else _scratch_file(scratch_dir, scratch_bytes)
         block = read_block or min(max(expert_nbytes, _MiB), 64 * _MiB)
         try:
-            reads = [measure_read_bandwidth(source, block=block, max_bytes=read_bytes) for _ in range(disk_samples)]
+            reads = [
+                measure_read_bandwidth(source, block=block, max_bytes=read_bytes, threads=read_threads)
+                for _ in range(disk_samples)
+            ]
         finally:
             if sample_file is None:
                 os.unlink(source)

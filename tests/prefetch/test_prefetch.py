@@ -231,6 +231,49 @@ def test_poor_predictions_switch_speculative_loads_off(mixtral_dir, mixtral_mode
     cache.close()
 
 
+def test_an_io_bound_model_prefetches_only_near_certain_predictions(mixtral_dir, mixtral_model):
+    """The break-even precision is 1 - compute / load: compute = time between MoE layers less the forward's
+    stalls, load = the mean seconds of one expert load."""
+    from hf_moe_offload.cache import ExpertCache, OffloadStats, make_policy
+    from hf_moe_offload.integration import inspect_checkpoint
+    from hf_moe_offload.prefetch import Predictor, Prefetcher
+    from hf_moe_offload.storage import ExpertStore
+
+    class NoGuess(Predictor):  # issues nothing, so that only the loads set below are measured
+        def predict(self, step, layer, hidden, targets):
+            return {t: np.zeros(8) for t in targets}
+
+    _, layout, _ = inspect_checkpoint(mixtral_model, mixtral_dir)
+    stats = OffloadStats()
+    cache = ExpertCache(
+        ExpertStore(layout),
+        device=torch.device("cpu"),
+        host_slots=4,
+        device_slots=0,
+        policy_factory=lambda: make_policy("lru"),
+        io_threads=2,
+        stats=stats,
+    )
+    pf = Prefetcher(cache, [NoGuess([8, 8], 2)], [8, 8], 2, io_threads=2)
+    assert pf._break_even(2) == 0.0  # nothing measured yet
+    for _ in range(3):
+        pf.on_layer(0, torch.zeros(1, 64), torch.tensor([[0, 1]]))
+        time.sleep(0.06)
+        stats.stall(0.04)  # what the forward reports when it waits for an expert: 20 ms of compute remain
+        pf.on_layer(1, torch.zeros(1, 64), torch.tensor([[0, 1]]))
+    assert stats.snapshot()["prefetch_issued"] == 0
+    stats.load_time(0.2), stats.add("loads")  # one load took 0.2 s
+    assert 0.8 < pf._break_even(2) < 0.95, pf._break_even(2)  # 1 - 0.02 / 0.2 = 0.9 (2: experts per layer)
+    assert pf._break_even(8) == 0.0  # no gap measured for layers routing to 8 experts (a prefill)
+    pf._evidence[2].right, pf._evidence[2].scored = 50, 100  # precision 0.5, far above the hit rate (0)
+    assert not pf._worth_it(2)  # I/O bound: half the prefetches would waste disk time
+    stats.reset()
+    stats.load_time(0.01), stats.add("loads")  # loads far shorter than the compute between layers
+    assert pf._break_even(2) == 0.0 and pf._worth_it(2)  # compute-bound: any useful prediction is worth loading
+    assert pf.metrics()["prefetch_break_even"] == 0.0
+    cache.close()
+
+
 @pytest.mark.parametrize("family", ["longcat_flash", "zaya"])
 def test_gate_lookahead_keeps_routers_with_zero_expert_columns(tmp_path, family):
     """Routers with more logit columns than routed experts (zero / no-op experts) still predict: their integer

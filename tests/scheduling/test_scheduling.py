@@ -326,6 +326,19 @@ def test_read_bandwidth_of_a_file_and_a_folder(tmp_path):
     assert measure_read_bandwidth(data, block=MiB, max_bytes=4 * MiB)[1] > 0
     cold, warm = measure_read_bandwidth(tmp_path, block=MiB)  # a folder: every file under it
     assert cold > 0 and warm > 0
+
+
+def test_read_bandwidth_with_several_readers_reads_every_piece_once_per_pass(tmp_path):
+    data = tmp_path / "data.bin"
+    data.write_bytes(os.urandom(8 * MiB))
+
+    def rchar() -> int:  # bytes this process read through read syscalls, every thread included
+        return int(next(x for x in open("/proc/self/io").read().splitlines() if x.startswith("rchar")).split()[1])
+
+    before = rchar()
+    cold, warm = measure_read_bandwidth(data, block=MiB, threads=3)
+    assert cold > 0 and warm > 0
+    assert 3 * 8 * MiB <= rchar() - before < 3 * 8 * MiB + MiB  # one cold and two warm passes of 8 pieces
     assert measure_h2d_bandwidth("cpu") is None  # no accelerator, nothing to copy to
 
 
