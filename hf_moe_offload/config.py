@@ -204,8 +204,8 @@ class OffloadConfig:
         default=None,
         metadata={
             "help": "Routing weight (0-1] at or above which a missing expert is loaded at full precision; experts "
-            "below it compute from their quantized copy (needs expert_dtype 'int8'/'int4'; the host budget is split "
-            "evenly between the two tiers). None: off."
+            "below it compute from their quantized copy (needs expert_dtype 'int8'/'int4'; half the host budget, and "
+            "at least the top-k experts of a layer, goes to full-precision slots). None: off."
         },
     )
 

@@ -59,6 +59,8 @@ class ExpertCache:
         stats: counters to update.
         load_timeout: seconds a caller waits for one expert (its read, or a free slot) before
             `ExpertLoadTimeoutError`; None waits forever. Settable later as `cache.load_timeout`.
+        bytes_counter: an `OffloadStats` counter that also receives this cache's bytes read (beside
+            `bytes_loaded`): mixed precision's full-precision cache counts into `bytes_loaded_full_precision`.
     """
 
     def __init__(
@@ -72,8 +74,10 @@ class ExpertCache:
         io_threads: int,
         stats: OffloadStats,
         load_timeout: float | None = DEFAULT_LOAD_TIMEOUT,
+        bytes_counter: str | None = None,
     ):
         self.store, self.layout, self.device, self.stats = store, store.layout, device, stats
+        self._bytes_counters = ("bytes_loaded",) + ((bytes_counter,) if bytes_counter else ())
         self._lock = threading.Condition()
         cuda = device.type == "cuda"
         nbytes = self.layout.slot_nbytes
@@ -294,7 +298,7 @@ class ExpertCache:
         try:
             if self.compute is self.host:
                 n = self.store.read_into(layer, expert, self.host.pool.buffer(e.slot))
-                self.stats.add("bytes_loaded", n)
+                self._count_bytes(n)
                 self.timeline.record(
                     "io",
                     f"read L{layer}E{expert}",
@@ -326,6 +330,11 @@ class ExpertCache:
                     e.future.set_result(None)
                 else:
                     e.future.set_exception(error)
+
+    def _count_bytes(self, n: int) -> None:
+        """Bytes read for one load: into `bytes_loaded`, and the cache's own counter when it has one."""
+        for name in self._bytes_counters:
+            self.stats.add(name, n)
 
     def _timed_out(self, e: Entry, running: bool) -> None:
         """The loader's watchdog: `e` was not loaded within `load_timeout`. Fail its waiters and forget the expert
@@ -369,7 +378,7 @@ class ExpertCache:
                 src = self.host.pool.buffer(host_entry.slot)
                 if owner:
                     try:
-                        self.stats.add("bytes_loaded", self.store.read_into(layer, expert, src))
+                        self._count_bytes(self.store.read_into(layer, expert, src))
                     except BaseException as exc:
                         self._drop(self.host, host_entry)
                         host_entry.future.set_exception(exc)
@@ -383,7 +392,7 @@ class ExpertCache:
                 if src is None:
                     src = torch.empty(self.layout.slot_nbytes, dtype=torch.uint8, pin_memory=True)
                     self._staging.buf = src
-                self.stats.add("bytes_loaded", self.store.read_into(layer, expert, src))
+                self._count_bytes(self.store.read_into(layer, expert, src))
             dst = self.compute.pool.buffer(e.slot)
             reuse = self.compute.pool.release_events[e.slot]
             with torch.cuda.stream(self._copy_stream):

@@ -13,6 +13,7 @@ _COUNTERS = (
     "host_hits",  # (CUDA) a device miss served from the host tier
     "evictions",  # experts dropped from any tier to make room
     "bytes_loaded",  # bytes read from the checkpoint files
+    "bytes_loaded_full_precision",  # (mixed_precision) of those, the ones the full-precision tier read
     "bytes_h2d",  # bytes copied host -> device
     "loads",  # completed loads into the compute tier
     "load_errors",

@@ -2,6 +2,7 @@
 
 ```
 tier limit  = min(memory available now, max_memory=[tier]) x 90%  -  the model's other weights on that tier
+              (host: also the loaders' staging buffers when experts are quantized on load, `staging_bytes`)
 share budget ("50%", the default)  --above the limit-->  shrunk to the limit (logged at INFO)
 byte budget  ("40GiB")             --above the limit-->  BudgetTooLargeError (says the limit and how to fix it)
 ```
@@ -115,8 +116,11 @@ def parse_max_memory(max_memory: dict | None, device: torch.device) -> dict[str,
     return out
 
 
-def tier_limits(device: torch.device, other_nbytes: int, max_memory: dict[str, int]) -> dict[str, TierLimit]:
-    """The limit of the host tier, and of the device tier on CUDA (see the module docstring)."""
+def tier_limits(
+    device: torch.device, other_nbytes: int, max_memory: dict[str, int], staging_nbytes: int = 0
+) -> dict[str, TierLimit]:
+    """The limit of the host tier, and of the device tier on CUDA (see the module docstring); `staging_nbytes` of
+    host memory the loaders need besides the slots (quantizing on load) come off the host limit as well."""
     limits = {}
     tiers = {"host": available_host_bytes()}
     if device.type == "cuda":
@@ -126,10 +130,13 @@ def tier_limits(device: torch.device, other_nbytes: int, max_memory: dict[str, i
             key = "'cpu'" if tier == "host" else str(device.index or 0)
             nbytes, source = max_memory[tier], f"max_memory[{key}]"
         other = other_nbytes if (tier == "device") == (device.type == "cuda") else 0
-        usable = max(0, int(nbytes * HEADROOM) - other)
+        staging = staging_nbytes if tier == "host" else 0
+        usable = max(0, int(nbytes * HEADROOM) - other - staging)
         detail = f"{HEADROOM:.0%} of {format_bytes(nbytes)} ({source})"
         if other:
             detail += f" minus {format_bytes(other)} of the model's other weights"
+        if staging:
+            detail += f" minus {format_bytes(staging)} of staging buffers for quantizing on load (a sidecar needs none)"
         limits[tier] = TierLimit(usable, detail)
     return limits
 

@@ -117,6 +117,7 @@ class OffloadEngine:
             policy_factory=lambda: make_policy(cfg.policy),
             io_threads=cfg.io_threads,
             stats=self.stats,
+            bytes_counter="bytes_loaded_full_precision",
         )
         return MixedPrecisionCaches(full, self.cache, cfg.mixed_precision)
 
@@ -213,6 +214,10 @@ class OffloadEngine:
         out["read_from"] = "sidecar" if slots.sidecar else "checkpoint"
         tokens = out["tokens_generated"]
         out["bytes_loaded_per_token"] = out["bytes_loaded"] / tokens if tokens else None
+        quantized = slots.expert_dtype  # "auto": every slot at full precision
+        full = out["bytes_loaded_full_precision"] if self.mixed else out["bytes_loaded"] if quantized == "auto" else 0
+        split = {"full": full} if quantized == "auto" else {"full": full, quantized: out["bytes_loaded"] - full}
+        out["bytes_loaded_per_token_by_precision"] = {k: v / tokens for k, v in split.items()} if tokens else None
         out["prefetch_wasted_bytes_per_token"] = out["prefetch_wasted_bytes"] / tokens if tokens else None
         out["expert_bytes_total"] = self.topology.total_expert_nbytes
         out["device"] = str(self.device)

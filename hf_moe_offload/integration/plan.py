@@ -43,7 +43,7 @@ from ..storage import (
 )
 from .budgets import TierLimit, available_host_bytes, fit_budget, parse_max_memory, tier_limits
 from .distributed import ExpertShard, expert_shard, rank_device, shard_correlation, shard_layout, shard_topology
-from .tiers import SlotPlan, plan_slot_layout, split_for_mixed
+from .tiers import SlotPlan, plan_slot_layout, split_for_mixed, staging_bytes
 
 logger = logging.getLogger("hf_moe_offload")
 
@@ -389,8 +389,8 @@ def make_plan(cls: type, path: str | os.PathLike, kwargs: dict, offload_config) 
 
         sample = max(checkpoint_files(folder), key=os.path.getsize)
         cfg = auto_config(cfg, topology.summary(), sample_file=sample, device=device, model_config=config)
-    limits = tier_limits(device, topology.other_nbytes, max_memory)
     slots = plan_slot_layout(cfg, folder, topology, layout, device, shard is not None)
+    limits = tier_limits(device, topology.other_nbytes, max_memory, staging_bytes(layout, slots, cfg.io_threads))
     host_slots, device_slots = plan_slots(cfg, topology, slots.layout.slot_nbytes, device, limits)
     if cfg.mixed_precision is not None:
         slots, host_slots = split_for_mixed(slots, host_slots, layout.slot_nbytes, topology.max_top_k)

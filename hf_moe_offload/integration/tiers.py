@@ -37,6 +37,7 @@ __all__ = [
     "neurons_record",
     "default_sidecar",
     "split_for_mixed",
+    "staging_bytes",
     "open_store",
 ]
 
@@ -187,23 +188,33 @@ def plan_slot_layout(
 
 
 def split_for_mixed(slots: SlotPlan, host_slots: int, dense_nbytes: int, top_k: int) -> tuple[SlotPlan, int]:
-    """Mixed precision: half the host bytes of `host_slots` packed slots become dense slots; returns the plan with
-    its `full_precision_slots` and the packed slots left.
+    """Mixed precision: half the host bytes of `host_slots` packed slots (at least the top-k experts of one layer)
+    become dense slots; returns the plan with its `full_precision_slots` and the packed slots left.
 
     Raises:
-        BudgetTooSmallError: either half cannot hold the top-k experts of one layer.
+        BudgetTooSmallError: the budget cannot hold the top-k experts of one layer in each tier.
     """
-    total = host_slots * slots.layout.slot_nbytes
-    full = (total // 2) // dense_nbytes
-    low = (total - full * dense_nbytes) // slots.layout.slot_nbytes
-    if full < top_k or low < top_k:
-        minimum = 2 * top_k * dense_nbytes
+    packed = slots.layout.slot_nbytes
+    total = host_slots * packed
+    full = max(top_k, (total // 2) // dense_nbytes)
+    low = max(0, total - full * dense_nbytes) // packed
+    if low < top_k:
+        minimum = top_k * (dense_nbytes + packed)
         raise BudgetTooSmallError(
             f"mixed_precision: the host budget ({total} bytes) is split between full-precision and quantized experts "
-            f"and holds {full} and {low} of them, but each token is routed to {top_k} experts per layer; raise "
-            f"host_budget to at least {minimum} bytes, or drop mixed_precision"
+            f"and holds {min(full, total // dense_nbytes)} and {low} of them, but each token is routed to {top_k} "
+            f"experts per layer; raise host_budget to at least {minimum} bytes, or drop mixed_precision"
         )
     return dataclasses.replace(slots, full_precision_slots=full), low
+
+
+def staging_bytes(dense: ExpertLayout, slots: SlotPlan, io_threads: int) -> int:
+    """Host bytes the loaders hold besides the slots: quantizing (or cutting neurons) on load reads each expert at
+    full precision into a staging buffer that each I/O thread keeps (the encoder's temporaries are transient and
+    left to the headroom); a sidecar or the checkpoint's own layout reads straight into the slot."""
+    if slots.layout is dense or slots.sidecar is not None:
+        return 0
+    return io_threads * dense.slot_nbytes
 
 
 def open_store(dense: ExpertLayout, slots: SlotPlan, io_mode: str):

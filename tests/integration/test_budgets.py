@@ -134,3 +134,18 @@ def test_the_host_limit_follows_a_cgroup_memory_limit():
     assert run.completed.returncode == 0, run.completed.stderr[-2000:]
     room, source = run.completed.stdout.strip().splitlines()[-1].split("|")
     assert source == "left under the cgroup memory limit" and 0 < int(room) < 2 << 30, (room, source)
+
+
+def test_quantizing_on_load_reserves_its_staging_buffers_off_the_host_limit(mixtral_dir, sizes):
+    """Quantizing on load reads each expert at full precision into a buffer each I/O thread keeps: the plan takes
+    io_threads full experts off the host limit; a sidecar needs none."""
+    slot, other, k, cls = sizes
+    cpu = _cpu_limit_for(4, slot, other)  # room for 4 full-precision experts
+    q = {**CPU, "host_budget": "100%", "expert_dtype": "int8", "sidecar": "none", "io_threads": 2}
+    full = make_plan(cls, mixtral_dir, {"max_memory": {"cpu": cpu}}, {**CPU, "host_budget": "100%"})
+    quant = make_plan(cls, mixtral_dir, {"max_memory": {"cpu": cpu}}, q)
+    packed = quant.slot_layout.slot_nbytes
+    assert full.host_slots == 4
+    assert quant.host_slots == (4 * slot + slot // 2 - 2 * slot) // packed  # 2 I/O threads, a staging buffer each
+    one = make_plan(cls, mixtral_dir, {"max_memory": {"cpu": cpu}}, {**q, "io_threads": 1})
+    assert one.host_slots == (4 * slot + slot // 2 - 1 * slot) // packed

@@ -60,7 +60,11 @@ def test_quantized_tier_holds_more_experts_and_stays_close(model_dir, reference,
     diff = (logits.float() - reference[0].float()).abs().max().item()
     assert 0 < diff <= LOGIT_BOUND[kind], diff
     assert torch.equal(tokens, reference[1])
-    assert model.offload_stats()["tokens_generated"] == 12
+    s = model.offload_stats()
+    assert s["tokens_generated"] == 12
+    assert s["bytes_loaded_per_token_by_precision"] == {"full": 0, kind: s["bytes_loaded_per_token"]}
+    s_full = full.offload_stats()
+    assert s_full["bytes_loaded_per_token_by_precision"] is None  # no token generated
 
 
 def test_sidecar_round_trip_reads_fewer_bytes_and_gives_the_same_outputs(model_dir, tmp_path):
@@ -178,6 +182,12 @@ def test_mixed_precision_computes_unimportant_experts_quantized(model_dir, refer
     assert torch.equal(a, int4)  # no expert reached the threshold: every one computed from its int4 copy
     assert 0 < s_b["low_precision_computes"] < s_b["hits"] + s_b["misses"]
     assert (b.float() - reference[0].float()).abs().max() <= LOGIT_BOUND["int4"]
+    assert 0 < s_b["bytes_loaded_full_precision"] < s_b["bytes_loaded"]  # both tiers read
+    some_low.generate(IDS, max_new_tokens=4, do_sample=False)
+    s = some_low.offload_stats()
+    split = s["bytes_loaded_per_token_by_precision"]
+    assert set(split) == {"full", "int4"} and split["full"] > 0 and split["int4"] > 0
+    assert sum(split.values()) == pytest.approx(s["bytes_loaded_per_token"])
 
 
 def test_mixed_precision_needs_a_quantized_copy_and_room_for_both_tiers(model_dir):
@@ -185,8 +195,15 @@ def test_mixed_precision_needs_a_quantized_copy_and_room_for_both_tiers(model_di
         _load(model_dir, mixed_precision=0.5)
     with pytest.raises(OffloadConfigError, match="mixed_precision"):
         _load(model_dir, expert_dtype="int8", mixed_precision=1.5)
-    with pytest.raises(BudgetTooSmallError, match="mixed_precision"):
-        _load(model_dir, host_budget="3%", expert_dtype="int4", mixed_precision=0.5)
+    # 3% holds 10 int4 experts: 2 at full precision (the top-k, though more than half the bytes) and 3 quantized
+    assert (
+        _load(model_dir, host_budget="3%", expert_dtype="int4", mixed_precision=0.5).offload_stats()[
+            "full_precision_slots"
+        ]
+        == 2
+    )
+    with pytest.raises(BudgetTooSmallError, match=r"mixed_precision: .* at least 1007616 bytes"):
+        _load(model_dir, host_budget="2%", expert_dtype="int4", mixed_precision=0.5)  # 6 int4 experts' bytes
 
 
 def test_expert_fraction_computes_the_calibrated_neurons(model_dir, reference, tmp_path):
